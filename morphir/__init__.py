@@ -1,0 +1,83 @@
+"""morphir: grow neural networks by rewriting their torch.fx graphs.
+
+>>> import torch, morphir
+>>> g = morphir.trace(morphir.zoo.build("vgg19", (1, 8, 8)), torch.randn(1, 1, 8, 8))
+>>> g2 = morphir.apply(g, morphir.candidates(g, "split"))   # every channel split, θ = 0
+>>> morphir.output_mismatch(g, g2)[0] < 1e-4
+True
+"""
+
+from morphir import zoo
+from morphir.channel_rules import blocking, follower, passthrough
+from morphir.channels import (
+    ChannelAnalysis,
+    ChannelGroup,
+    ChannelRules,
+    Consumer,
+    Follower,
+    Layout,
+    Producer,
+    RuleContext,
+    Segment,
+    analyse,
+)
+from morphir.engine import PassResult, apply, candidates, default_registry, morphisms, output_mismatch, rewrite
+from morphir.errors import (
+    AnalysisError,
+    InvariantError,
+    LoadError,
+    MorphirError,
+    MorphismError,
+    PreservationError,
+    TraceError,
+)
+from morphir.graph import LeafPolicy, MorphGraph, make_probe, trace
+from morphir.load import load_model, resolve_model
+from morphir.morphism import Candidate, DeltaZ, Morphism, Registry, Site
+from morphir.rewrite import ChannelCopy, Rewriter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AnalysisError",
+    "Candidate",
+    "ChannelAnalysis",
+    "ChannelCopy",
+    "ChannelGroup",
+    "ChannelRules",
+    "Consumer",
+    "DeltaZ",
+    "Follower",
+    "InvariantError",
+    "Layout",
+    "LeafPolicy",
+    "LoadError",
+    "MorphGraph",
+    "Morphism",
+    "MorphismError",
+    "MorphirError",
+    "PassResult",
+    "PreservationError",
+    "Producer",
+    "Registry",
+    "Rewriter",
+    "RuleContext",
+    "Segment",
+    "Site",
+    "TraceError",
+    "analyse",
+    "apply",
+    "blocking",
+    "candidates",
+    "default_registry",
+    "follower",
+    "load_model",
+    "make_probe",
+    "morphisms",
+    "output_mismatch",
+    "passthrough",
+    "resolve_model",
+    "rewrite",
+    "trace",
+    "zoo",
+]

@@ -1,0 +1,537 @@
+"""Channel analysis: which layers write and read the same channels.
+
+The traced graph is turned into a graph of *channel spaces* (networkx): every tensor's channel axis
+is a list of segments, each a run of channels of one space. Producers (conv, linear) open a new
+space; pass-through ops (activations, batch norm, pooling, depthwise convs) keep it; an add, sub or
+mul of two tensors ties their spaces together; a concat places spaces side by side; a flatten
+expands each channel into ``inner`` features. The connected components of "same channels" edges
+are the *coupled groups*: a morphism acts on a whole group, never on a lone layer.
+
+>>> an = analyse(gm, ChannelRules.default())
+>>> grp = an.groups["features.0"]
+>>> grp.width, [p.module for p in grp.producers], [c.module for c in grp.consumers]
+
+Ops whose channel semantics are unknown mark the groups they touch as not growable, with the
+reason; they never make the analysis fail.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import TensorMetadata
+
+__all__ = [
+    "Segment",
+    "Layout",
+    "Producer",
+    "Follower",
+    "Consumer",
+    "ChannelGroup",
+    "ChannelAnalysis",
+    "ChannelRules",
+    "RuleContext",
+    "Rule",
+    "analyse",
+]
+
+log = logging.getLogger(__name__)
+
+
+# -- public results ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Segment:
+    """A run of one group's channels inside a tensor's channel axis.
+
+    Channel ``c`` of ``group`` occupies features ``offset + c*inner ... offset + (c+1)*inner - 1``.
+    """
+
+    group: str
+    offset: int
+    width: int
+    inner: int = 1
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The channel axis of one tensor and the group segments laid along it."""
+
+    axis: int
+    ndim: int
+    segments: tuple[Segment, ...]
+
+    @property
+    def size(self) -> int:
+        """Number of features along the axis."""
+        return sum(s.width * s.inner for s in self.segments)
+
+
+@dataclass(frozen=True)
+class Producer:
+    """A module whose output channels (weight dim 0) are the group's channels."""
+
+    module: str
+    node: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class Follower:
+    """A module with per-channel parameters on the group's channels (batch norm, depthwise conv)."""
+
+    module: str
+    node: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A module reading the group's channels as input features (weight dim 1) at ``segment``."""
+
+    module: str
+    node: str
+    kind: str
+    segment: Segment
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels shared by every producer that writes them and every consumer that reads them.
+
+    ``blocked`` lists why the group cannot grow or shrink (empty when it can); ``nonlinear`` says
+    whether a nonlinearity acts on the channels (a split changes the function only then);
+    ``unit`` is the granularity channels change in (1, or a head size for attention).
+    """
+
+    name: str
+    width: int
+    producers: tuple[Producer, ...]
+    followers: tuple[Follower, ...]
+    consumers: tuple[Consumer, ...]
+    nodes: tuple[str, ...]
+    blocked: tuple[str, ...]
+    nonlinear: bool
+    params_per_channel: int
+    flops_per_channel: int
+    unit: int = 1
+
+    @property
+    def growable(self) -> bool:
+        """True when morphisms may add or remove channels of this group."""
+        return not self.blocked
+
+
+@dataclass(frozen=True)
+class ChannelAnalysis:
+    """Result of :func:`analyse`: groups by name, every tensor node's layout, and the space graph."""
+
+    groups: Mapping[str, ChannelGroup]
+    layouts: Mapping[str, Layout]
+    consumer_layouts: Mapping[str, Layout]
+    follower_layouts: Mapping[str, Layout]
+    reshapes: tuple[tuple[str, tuple[int, ...], Layout], ...]
+    space_graph: nx.Graph
+    space_group: Mapping[int, str]
+
+    def group_of_node(self, node: str) -> list[str]:
+        """Names of the groups carried by ``node``'s output."""
+        lay = self.layouts.get(node)
+        return [] if lay is None else list(dict.fromkeys(s.group for s in lay.segments))
+
+
+# -- the rule protocol ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _L:
+    """Internal layout: channel axis, rank and (space id, inner) segments."""
+
+    axis: int
+    ndim: int
+    segs: tuple[tuple[int, int], ...]
+
+
+Rule = Callable[["RuleContext", fx.Node, "torch.nn.Module | None"], None]
+"""A channel rule: ``rule(ctx, node, module)`` sets ``node``'s layout through ``ctx``."""
+
+
+class RuleContext:
+    """What a channel rule may read and record. Rules receive it as their first argument.
+
+    A rule for an op usually does one of: ``ctx.passthrough(node, src)`` (channels unchanged),
+    ``ctx.produce(node, module, kind)`` / ``ctx.consume(...)`` (a layer), ``ctx.merge(a, b, why)``
+    (two tensors share channels), or ``ctx.unknown(node, why)`` (not growable, with the reason).
+    """
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.space_graph = nx.Graph()
+        self.widths: list[int] = []
+        self.reasons: dict[int, list[str]] = defaultdict(list)
+        self.nonlinear_spaces: set[int] = set()
+        self.producers: dict[int, list[tuple[str, str, str]]] = defaultdict(list)
+        self.followers: dict[int, list[tuple[str, str, str]]] = defaultdict(list)
+        self.consumers: list[tuple[str, str, str, _L]] = []
+        self.follower_layouts: dict[str, _L] = {}
+        self.carriers: dict[int, list[str]] = defaultdict(list)
+        self.layouts: dict[str, _L] = {}
+        self.tuple_layouts: dict[str, list[_L | None]] = {}
+        self.reshapes: list[tuple[str, tuple[int, ...], _L]] = []
+        self.module_io: dict[str, tuple[_L | None, _L | None]] = {}
+
+    # reading
+    def shape(self, node: Any) -> torch.Size | None:
+        """Output shape of ``node`` if it is a tensor node."""
+        if not isinstance(node, fx.Node):
+            return None
+        meta = node.meta.get("tensor_meta")
+        return meta.shape if isinstance(meta, TensorMetadata) else None
+
+    def layout(self, node: Any) -> _L | None:
+        """Layout of ``node``'s output, or None (not a channel tensor)."""
+        return self.layouts.get(node.name) if isinstance(node, fx.Node) else None
+
+    def tensor_args(self, node: fx.Node) -> list[fx.Node]:
+        """The fx nodes among ``node``'s arguments whose output is a tensor."""
+        found: list[fx.Node] = []
+        fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(a) if self.shape(a) is not None else None)
+        return found
+
+    def width(self, lay: _L) -> int:
+        """Number of features along the channel axis of ``lay``."""
+        return sum(self.widths[s] * inner for s, inner in lay.segs)
+
+    # recording
+    def new_space(self, node: fx.Node, width: int, origin: str) -> int:
+        """Open a new channel space of ``width`` channels created at ``node``."""
+        sid = len(self.widths)
+        self.widths.append(int(width))
+        self.space_graph.add_node(sid, width=int(width), origin=origin, node=node.name)
+        return sid
+
+    def set(self, node: fx.Node, lay: _L | None) -> None:
+        """Record ``lay`` as the layout of ``node``'s output."""
+        if lay is None:
+            return
+        self.layouts[node.name] = lay
+        for s, _ in lay.segs:
+            self.carriers[s].append(node.name)
+
+    def fresh(self, node: fx.Node, origin: str, axis: int = 1) -> _L | None:
+        """Give ``node`` a layout made of one new space (its full channel axis)."""
+        shape = self.shape(node)
+        if shape is None or len(shape) < 2:
+            return None
+        axis = axis % len(shape)
+        lay = _L(axis, len(shape), ((self.new_space(node, shape[axis], origin), 1),))
+        self.set(node, lay)
+        return lay
+
+    def block(self, lay: _L | None, reason: str) -> None:
+        """Mark every space in ``lay`` as not growable because of ``reason``."""
+        if lay is None:
+            return
+        for s, _ in lay.segs:
+            if reason not in self.reasons[s]:
+                self.reasons[s].append(reason)
+
+    def mark_nonlinear(self, lay: _L | None) -> None:
+        """Record that a nonlinearity acts on the spaces of ``lay``."""
+        if lay is not None:
+            self.nonlinear_spaces.update(s for s, _ in lay.segs)
+
+    def merge(self, a: _L, b: _L, why: str) -> bool:
+        """Tie the channels of ``a`` and ``b`` (same axis, same segmentation); block both if impossible."""
+        compatible = (
+            a.axis == b.axis
+            and len(a.segs) == len(b.segs)
+            and all(ia == ib and self.widths[sa] == self.widths[sb] for (sa, ia), (sb, ib) in zip(a.segs, b.segs))
+        )
+        if not compatible:
+            self.block(a, f"{why}: its operands lay out channels differently")
+            self.block(b, f"{why}: its operands lay out channels differently")
+            return False
+        for (sa, _), (sb, _) in zip(a.segs, b.segs):
+            if sa != sb:
+                self.space_graph.add_edge(sa, sb, why=why)
+        return True
+
+    def passthrough(self, node: fx.Node, src: fx.Node | None = None, *, nonlinear: bool = False) -> None:
+        """``node`` keeps the channels of ``src`` (default: its first tensor argument)."""
+        if src is None:
+            args = self.tensor_args(node)
+            src = args[0] if args else None
+        lay = self.layout(src)
+        out = self.shape(node)
+        if lay is None or out is None:
+            self.unknown(node, f"`{_describe(node)}` has no channel input")
+            return
+        if len(out) != lay.ndim or out[lay.axis] != self.width(lay):
+            self.unknown(node, f"`{_describe(node)}` changes the channel axis")
+            return
+        if nonlinear:
+            self.mark_nonlinear(lay)
+        self.set(node, lay)
+
+    def unknown(self, node: fx.Node, reason: str) -> None:
+        """An op whose channel semantics are unknown: block its inputs, give its output a blocked space."""
+        for arg in self.tensor_args(node):
+            self.block(self.layout(arg), reason)
+        out = self.fresh(node, origin=reason)
+        self.block(out, reason)
+
+    def produce(self, node: fx.Node, module_name: str, kind: str, axis: int) -> _L | None:
+        """``node`` (a call of ``module_name``) writes a new space of channels on ``axis``."""
+        prev = self.module_io.get(module_name)
+        if prev is not None and prev[1] is not None:
+            lay = prev[1]
+            self.set(node, lay)
+            return lay
+        lay = self.fresh(node, origin=f"{kind} {module_name}", axis=axis)
+        if lay is not None:
+            self.producers[lay.segs[0][0]].append((module_name, node.name, kind))
+        return lay
+
+    def consume(self, node: fx.Node, src: fx.Node, module_name: str, kind: str) -> None:
+        """``module_name`` reads the channels of ``src`` as its input features."""
+        lay = self.layout(src)
+        if lay is None:
+            return
+        prev = self.module_io.get(module_name)
+        if prev is not None and prev[0] is not None:
+            self.merge(prev[0], lay, f"module {module_name} is called more than once")
+            return
+        self.consumers.append((module_name, node.name, kind, lay))
+
+    def follow(self, node: fx.Node, module_name: str, kind: str, *, nonlinear: bool = False) -> None:
+        """``module_name`` has per-channel parameters on the channels it passes through."""
+        src = self.tensor_args(node)[0]
+        self.passthrough(node, src, nonlinear=nonlinear)
+        lay = self.layout(node)
+        if lay is None or lay is not self.layout(src):
+            return
+        prev = self.module_io.get(module_name)
+        if prev is not None and prev[0] is not None:
+            self.merge(prev[0], lay, f"module {module_name} is called more than once")
+            return
+        self.follower_layouts[module_name] = lay
+        for s, _ in lay.segs:
+            self.followers[s].append((module_name, node.name, kind))
+
+    def remember_module(self, module_name: str, node: fx.Node, src: fx.Node | None) -> None:
+        """Remember a parametrised module's input/output layouts so repeated calls share channels."""
+        if module_name not in self.module_io:
+            self.module_io[module_name] = (self.layout(src), self.layout(node))
+        else:
+            prev_in, prev_out = self.module_io[module_name]
+            out = self.layout(node)
+            if prev_out is not None and out is not None and prev_out is not out:
+                self.merge(prev_out, out, f"module {module_name} is called more than once")
+
+
+def _describe(node: fx.Node) -> str:
+    target = node.target
+    name = getattr(target, "__name__", None) or str(target)
+    return f"{name}" if node.op != "call_method" else f".{target}()"
+
+
+# -- rule tables ---------------------------------------------------------------------------------
+class ChannelRules:
+    """Channel rules for module types, functions and tensor methods.
+
+    Immutable: ``with_*`` returns an extended copy, so no module-level registry is ever mutated.
+
+    >>> rules = ChannelRules.default().with_module(MyNorm, channel_rules.follower("mynorm"))
+    >>> g = morphir.trace(model, x, rules=rules)
+    """
+
+    def __init__(
+        self,
+        modules: Mapping[type, Rule] | None = None,
+        functions: Mapping[Any, Rule] | None = None,
+        methods: Mapping[str, Rule] | None = None,
+    ):
+        self.modules = MappingProxyType(dict(modules or {}))
+        self.functions = MappingProxyType(dict(functions or {}))
+        self.methods = MappingProxyType(dict(methods or {}))
+
+    @classmethod
+    def default(cls) -> ChannelRules:
+        """The built-in rules (see :mod:`morphir.channel_rules`)."""
+        from morphir import channel_rules
+
+        return cls(channel_rules.MODULE_RULES, channel_rules.FUNCTION_RULES, channel_rules.METHOD_RULES)
+
+    def with_module(self, module_type: type, rule: Rule) -> ChannelRules:
+        """A copy with ``rule`` for modules of ``module_type`` (and subclasses)."""
+        return ChannelRules({**self.modules, module_type: rule}, self.functions, self.methods)
+
+    def with_function(self, function: Any, rule: Rule) -> ChannelRules:
+        """A copy with ``rule`` for ``call_function`` nodes whose target is ``function``."""
+        return ChannelRules(self.modules, {**self.functions, function: rule}, self.methods)
+
+    def with_method(self, method: str, rule: Rule) -> ChannelRules:
+        """A copy with ``rule`` for tensor method calls named ``method``."""
+        return ChannelRules(self.modules, self.functions, {**self.methods, method: rule})
+
+    def rule_for(self, node: fx.Node, module: torch.nn.Module | None) -> Rule | None:
+        """The rule that applies to ``node`` (None when the op is unknown)."""
+        if node.op == "call_module" and module is not None:
+            for klass in type(module).__mro__:
+                if klass in self.modules:
+                    return self.modules[klass]
+            return None
+        if node.op == "call_function":
+            try:
+                return self.functions.get(node.target)
+            except TypeError:  # unhashable target
+                return None
+        if node.op == "call_method":
+            return self.methods.get(node.target)
+        return None
+
+
+# -- the analysis --------------------------------------------------------------------------------
+def analyse(gm: fx.GraphModule, rules: ChannelRules) -> ChannelAnalysis:
+    """Find the coupled channel groups of a shape-propagated GraphModule.
+
+    >>> an = analyse(g.module, ChannelRules.default())
+    >>> sorted(an.groups)[:3]
+    """
+    ctx = RuleContext(gm)
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            ctx.block(ctx.fresh(node, origin="network input"), "network input")
+        elif node.op == "get_attr":
+            continue  # constants carry no channel space of their own; rules that read them decide
+        elif node.op == "output":
+            for arg in ctx.tensor_args(node):
+                ctx.block(ctx.layout(arg), "network output")
+        else:
+            module = gm.get_submodule(node.target) if node.op == "call_module" else None
+            rule = rules.rule_for(node, module)
+            if rule is None:
+                if ctx.shape(node) is None and not ctx.tensor_args(node):
+                    continue  # a Python value (size, shape arithmetic): no channels involved
+                what = f"module {node.target} ({type(module).__name__})" if module is not None else f"`{_describe(node)}`"
+                ctx.unknown(node, f"{what} at node {node.name} has unknown channel semantics")
+            else:
+                rule(ctx, node, module)
+    return _collect(gm, ctx)
+
+
+def _collect(gm: fx.GraphModule, ctx: RuleContext) -> ChannelAnalysis:
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    components = sorted(
+        (sorted(c) for c in nx.connected_components(ctx.space_graph)),
+        key=lambda c: min(order[ctx.space_graph.nodes[s]["node"]] for s in c),
+    )
+    groups: dict[str, ChannelGroup] = {}
+    space_group: dict[int, str] = {}
+    pending: list[tuple[str, list[int]]] = []
+    for comp in components:
+        prods = sorted({p for s in comp for p in ctx.producers[s]}, key=lambda p: order[p[1]])
+        name = prods[0][0] if prods else "@" + ctx.space_graph.nodes[comp[0]]["node"]
+        while name in groups or name in dict(pending):
+            name += "'"
+        pending.append((name, comp))
+        for s in comp:
+            space_group[s] = name
+
+    def to_layout(lay: _L) -> Layout:
+        segs, off = [], 0
+        for s, inner in lay.segs:
+            segs.append(Segment(space_group[s], off, ctx.widths[s], inner))
+            off += ctx.widths[s] * inner
+        return Layout(lay.axis, lay.ndim, tuple(segs))
+
+    consumer_layouts: dict[str, Layout] = {}
+    consumers_of: dict[str, list[Consumer]] = defaultdict(list)
+    for module_name, node_name, kind, lay in ctx.consumers:
+        public = to_layout(lay)
+        consumer_layouts[module_name] = public
+        for seg in public.segments:
+            consumers_of[seg.group].append(Consumer(module_name, node_name, kind, seg))
+
+    for name, comp in pending:
+        widths = {ctx.widths[s] for s in comp}
+        reasons = list(dict.fromkeys(r for s in comp for r in ctx.reasons[s]))
+        if len(widths) != 1:
+            reasons.append(f"spaces of different widths {sorted(widths)} were tied together")
+        prods = tuple(
+            Producer(*p) for p in sorted({p for s in comp for p in ctx.producers[s]}, key=lambda p: order[p[1]])
+        )
+        if not prods and not reasons:
+            reasons.append("no layer writes these channels")
+        folls = tuple(
+            Follower(*f) for f in sorted({f for s in comp for f in ctx.followers[s]}, key=lambda f: order[f[1]])
+        )
+        cons = tuple(dict.fromkeys(consumers_of[name]))
+        nodes = tuple(sorted({n for s in comp for n in ctx.carriers[s]}, key=order.__getitem__))
+        width = min(widths)
+        params, flops = _per_channel_cost(gm, prods, folls, cons)
+        groups[name] = ChannelGroup(
+            name=name,
+            width=width,
+            producers=prods,
+            followers=folls,
+            consumers=cons,
+            nodes=nodes,
+            blocked=tuple(reasons),
+            nonlinear=any(s in ctx.nonlinear_spaces for s in comp),
+            params_per_channel=params,
+            flops_per_channel=flops,
+        )
+    layouts = {n: to_layout(lay) for n, lay in ctx.layouts.items()}
+    reshapes = tuple((n, path, to_layout(lay)) for n, path, lay in ctx.reshapes)
+    return ChannelAnalysis(
+        groups=MappingProxyType(groups),
+        layouts=MappingProxyType(layouts),
+        consumer_layouts=MappingProxyType(consumer_layouts),
+        follower_layouts=MappingProxyType({m: to_layout(lay) for m, lay in ctx.follower_layouts.items()}),
+        reshapes=reshapes,
+        space_graph=ctx.space_graph,
+        space_group=MappingProxyType(space_group),
+    )
+
+
+def _positions(gm: fx.GraphModule, node: fx.Node) -> int:
+    """Output positions per sample and channel of a layer's call (H·W for a conv, L for a linear on N×L×C)."""
+    meta = node.meta.get("tensor_meta")
+    if not isinstance(meta, TensorMetadata) or len(meta.shape) < 2:
+        return 1
+    shape = meta.shape
+    channels = shape[-1] if isinstance(gm.get_submodule(node.target), torch.nn.Linear) else shape[1]
+    return int(torch.Size(shape[1:]).numel()) // max(int(channels), 1)
+
+
+def _per_channel_cost(
+    gm: fx.GraphModule, prods: tuple[Producer, ...], folls: tuple[Follower, ...], cons: tuple[Consumer, ...]
+) -> tuple[int, int]:
+    """Parameters and FLOPs (2 × multiply-accumulates per sample) that one channel of a group costs."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    params = flops = 0
+    for p in prods:
+        m = gm.get_submodule(p.module)
+        row = int(m.weight[0].numel())
+        params += row + (1 if getattr(m, "bias", None) is not None else 0)
+        flops += 2 * row * _positions(gm, nodes[p.node])
+    for f in folls:
+        m = gm.get_submodule(f.module)
+        per = sum(int(t[0].numel()) for t in m.parameters(recurse=False) if t.dim() >= 1)
+        params += per
+        weight = getattr(m, "weight", None)
+        flops += 2 * (int(weight[0].numel()) if weight is not None and weight.dim() > 1 else 1) * _positions(gm, nodes[f.node])
+    for c in cons:
+        m = gm.get_submodule(c.module)
+        per = int(m.weight[:, :1].numel()) * c.segment.inner
+        params += per
+        flops += 2 * per * _positions(gm, nodes[c.node])
+    return params, flops
+

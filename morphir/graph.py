@@ -1,0 +1,332 @@
+"""Tracing a model into a :class:`MorphGraph`: a torch.fx graph with shapes, probes and channel groups.
+
+>>> import torch, morphir
+>>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+>>> g = morphir.trace(net, torch.randn(1, 4))
+>>> [grp.name for grp in g.groups if grp.growable]
+['0']
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import traceback
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+from morphir.channels import ChannelAnalysis, ChannelRules, Layout, analyse
+from morphir.errors import AnalysisError, TraceError
+
+__all__ = ["MorphGraph", "trace", "LeafPolicy"]
+
+log = logging.getLogger(__name__)
+
+META_PREFIX = "morphir."
+PERSISTENT_META = frozenset({"morphir.created_by"})  # provenance survives rewrites
+PROBE_BATCH = 8
+
+LeafPolicy = Callable[[torch.nn.Module, str], "bool | None"]
+"""A callable ``(module, qualified_name) -> True | False | None``; None defers to torch.fx's default."""
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx tracer whose leaf modules can be extended by types, qualified names or a policy."""
+
+    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str], policy: LeafPolicy | None):
+        super().__init__()
+        self._leaf_types = leaf_types
+        self._leaf_names = leaf_names
+        self._policy = policy
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        if self._policy is not None:
+            verdict = self._policy(m, module_qualified_name)
+            if verdict is not None:
+                return bool(verdict)
+        if self._leaf_types and isinstance(m, self._leaf_types):
+            return True
+        if module_qualified_name in self._leaf_names:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+class MorphGraph:
+    """A traced network ready for morphisms.
+
+    Holds the runnable :class:`torch.fx.GraphModule` (``.module``), the example inputs it was traced
+    with, a fixed random *probe batch* used to verify rewrites, and the channel analysis (``.groups``),
+    computed lazily and dropped whenever the graph changes.
+
+    >>> g = morphir.trace(morphir.zoo.build("vgg19", (1, 8, 8)), torch.randn(1, 1, 8, 8))
+    >>> g.module(torch.randn(2, 1, 8, 8)).shape
+    torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        module: fx.GraphModule,
+        example_inputs: tuple[Any, ...],
+        *,
+        probe_inputs: tuple[Any, ...] | None = None,
+        rules: ChannelRules | None = None,
+        history: Sequence[str] = (),
+    ):
+        self.module = module
+        self.example_inputs = tuple(example_inputs)
+        self.probe_inputs = tuple(probe_inputs) if probe_inputs is not None else make_probe(self.example_inputs)
+        self.rules = rules if rules is not None else ChannelRules.default()
+        self.history: tuple[str, ...] = tuple(history)
+        self._analysis: ChannelAnalysis | None = None
+        self._valid_meta: set[str] = set()
+        self.propagate_shapes()
+
+    # -- running -----------------------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    @torch.no_grad()
+    def run_probe(self, inputs: tuple[Any, ...] | None = None) -> Any:
+        """Run the module in eval mode on the probe batch (or ``inputs``), restoring its mode.
+
+        >>> y = g.run_probe()
+        """
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            return self.module(*(inputs if inputs is not None else self.probe_inputs))
+        finally:
+            self.module.train(was_training)
+
+    def propagate_shapes(self) -> None:
+        """Record tensor shapes on every node (``node.meta['tensor_meta']``) from the example inputs.
+
+        Runs in eval mode without gradients, so batch-norm statistics are not touched.
+        """
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                ShapeProp(self.module).propagate(*self.example_inputs)
+        except Exception as exc:  # noqa: BLE001 - turned into a typed error with context
+            shapes = [tuple(t.shape) for t in self.example_inputs if isinstance(t, torch.Tensor)]
+            raise TraceError(
+                f"the example inputs (shapes {shapes}) do not fit the model: {exc}. "
+                "Pass example inputs of the shape the model expects (e.g. --input-shape 1,3,32,32)."
+            ) from exc
+        finally:
+            self.module.train(was_training)
+
+    # -- structure -----------------------------------------------------------------------------
+    @property
+    def analysis(self) -> ChannelAnalysis:
+        """The channel analysis of the current graph (cached until the graph changes)."""
+        if self._analysis is None:
+            self._analysis = analyse(self.module, self.rules)
+        return self._analysis
+
+    @property
+    def groups(self) -> tuple:
+        """Coupled channel groups, in topological order of their first producer.
+
+        >>> [(grp.name, grp.width, grp.growable) for grp in g.groups][:2]
+        """
+        return tuple(self.analysis.groups.values())
+
+    def group(self, name: str):
+        """The channel group called ``name`` (its first producer's module name)."""
+        try:
+            return self.analysis.groups[name]
+        except KeyError:
+            known = ", ".join(self.analysis.groups) or "none"
+            raise AnalysisError(f"no channel group named {name!r}; groups are: {known}") from None
+
+    def node(self, name: str) -> fx.Node:
+        """The fx node called ``name``."""
+        for n in self.module.graph.nodes:
+            if n.name == name:
+                return n
+        raise AnalysisError(f"no node named {name!r} in the graph of {type(self.module).__name__}")
+
+    def shape(self, node: fx.Node | str) -> torch.Size | None:
+        """The output shape recorded for ``node`` (from the example inputs), or None if not a tensor."""
+        n = self.node(node) if isinstance(node, str) else node
+        meta = n.meta.get("tensor_meta")
+        return meta.shape if isinstance(meta, TensorMetadata) else None
+
+    def layout(self, node: fx.Node | str) -> Layout | None:
+        """Where the channels of ``node``'s output come from: axis and group segments, or None."""
+        return self.analysis.layouts.get(node if isinstance(node, str) else node.name)
+
+    def submodule(self, name: str) -> torch.nn.Module:
+        """The submodule with qualified name ``name``."""
+        return self.module.get_submodule(name)
+
+    def num_params(self) -> int:
+        """Number of parameters of the module."""
+        return sum(p.numel() for p in self.module.parameters())
+
+    # -- incoming weights of a group: the θ of splits and prunes -------------------------------
+    def incoming_shapes(self, group: str) -> list[tuple[str, torch.Size]]:
+        """``(producer module, shape of one channel's incoming weights)`` for each producer of ``group``."""
+        grp = self.group(group)
+        return [(p.module, self.submodule(p.module).weight.shape[1:]) for p in grp.producers]
+
+    def incoming_numel(self, group: str) -> int:
+        """Total number of incoming weights of one channel of ``group`` over all its producers."""
+        return sum(int(torch.Size(s).numel()) for _, s in self.incoming_shapes(group))
+
+    def incoming_weights(self, group: str, channel: int) -> torch.Tensor:
+        """The incoming weights of ``channel`` in ``group``, all producers, flattened into one vector.
+
+        >>> w = g.incoming_weights("features.0", 3)   # a prune's default θ
+        """
+        grp = self.group(group)
+        if not 0 <= channel < grp.width:
+            raise AnalysisError(f"channel {channel} is outside group {group!r} of width {grp.width}")
+        rows = [self.submodule(p.module).weight.detach()[channel].reshape(-1) for p in grp.producers]
+        return torch.cat(rows) if rows else torch.zeros(0)
+
+    def unflatten_incoming(self, group: str, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Cut a flat vector (as from :meth:`incoming_weights`) into one row per producer module."""
+        out: dict[str, torch.Tensor] = {}
+        start = 0
+        for name, shape in self.incoming_shapes(group):
+            n = int(torch.Size(shape).numel())
+            out[name] = flat[start : start + n].reshape(shape)
+            start += n
+        if start != flat.numel():
+            raise AnalysisError(
+                f"θ for group {group!r} has {flat.numel()} entries; its producers have {start} incoming weights"
+            )
+        return out
+
+    # -- metadata ------------------------------------------------------------------------------
+    def set_meta(self, node: fx.Node | str, key: str, value: Any) -> None:
+        """Attach ``value`` to ``node.meta[key]``; keys must start with ``morphir.``."""
+        if not key.startswith(META_PREFIX):
+            raise AnalysisError(f"metadata key {key!r} must start with {META_PREFIX!r}")
+        n = self.node(node) if isinstance(node, str) else node
+        n.meta[key] = value
+        self._valid_meta.add(key)
+
+    def is_valid(self, key: str) -> bool:
+        """Whether ``key`` was written since the graph last changed."""
+        return key in self._valid_meta
+
+    def invalidate(self, key: str | None = None) -> None:
+        """Drop metadata ``key`` (or every ``morphir.*`` key) from all nodes, and the cached analysis."""
+        for n in self.module.graph.nodes:
+            stale = [k for k in n.meta if k.startswith(META_PREFIX) and k not in PERSISTENT_META]
+            for k in [k for k in stale if key is None or k == key]:
+                del n.meta[k]
+        if key is None:
+            self._valid_meta.clear()
+            self._analysis = None
+        else:
+            self._valid_meta.discard(key)
+
+    # -- copies ------------------------------------------------------------------------------
+    def copy(self) -> MorphGraph:
+        """An independent deep copy (module, parameters, metadata)."""
+        new = MorphGraph.__new__(MorphGraph)
+        new.module = copy.deepcopy(self.module)
+        new.example_inputs = self.example_inputs
+        new.probe_inputs = self.probe_inputs
+        new.rules = self.rules
+        new.history = self.history
+        new._analysis = None
+        new._valid_meta = set(self._valid_meta)
+        return new
+
+    def __repr__(self) -> str:
+        n_nodes = len(self.module.graph.nodes)
+        return f"MorphGraph({type(self.module).__name__}, {n_nodes} nodes, {self.num_params()} params)"
+
+
+def make_probe(example_inputs: Sequence[Any], batch: int = PROBE_BATCH, seed: int = 0) -> tuple[Any, ...]:
+    """A fixed random batch shaped like ``example_inputs`` (dim 0 widened to ``batch``).
+
+    Floating inputs are drawn from N(0, 1); integer inputs uniformly from their observed range.
+
+    >>> make_probe((torch.zeros(1, 3, 8, 8),))[0].shape
+    torch.Size([8, 3, 8, 8])
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out: list[Any] = []
+    for x in example_inputs:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            out.append(x)
+            continue
+        shape = (max(batch, x.shape[0]), *x.shape[1:])
+        if x.is_floating_point():
+            out.append(torch.randn(shape, generator=gen, dtype=x.dtype).to(x.device))
+        elif x.dtype == torch.bool:
+            out.append(torch.randint(0, 2, shape, generator=gen).bool().to(x.device))
+        else:
+            lo, hi = int(x.min()), int(x.max())
+            out.append(torch.randint(lo, hi + 1, shape, generator=gen, dtype=x.dtype).to(x.device))
+    return tuple(out)
+
+
+def trace(
+    model: torch.nn.Module,
+    example_inputs: torch.Tensor | Sequence[Any],
+    *,
+    leaf_modules: Iterable[type | str] = (),
+    leaf_policy: LeafPolicy | None = None,
+    concrete_args: dict[str, Any] | None = None,
+    rules: ChannelRules | None = None,
+    probe_inputs: Sequence[Any] | None = None,
+) -> MorphGraph:
+    """Trace ``model`` into a :class:`MorphGraph` with shapes recorded on every node.
+
+    ``leaf_modules`` (module types or qualified names) and ``leaf_policy`` are kept as single
+    nodes instead of being traced through; ``concrete_args`` fixes Python-valued arguments.
+    The model itself is not modified: the graph owns a copy of its parameters.
+
+    >>> g = morphir.trace(morphir.zoo.build("resnet20", (3, 32, 32)), torch.randn(1, 3, 32, 32))
+    >>> g.module.graph.lint()
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TraceError(f"trace expects a torch.nn.Module, got {type(model).__name__}")
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    leaf_types = tuple(x for x in leaf_modules if isinstance(x, type))
+    leaf_names = frozenset(x for x in leaf_modules if isinstance(x, str))
+    tracer = _Tracer(leaf_types, leaf_names, leaf_policy)
+    source = copy.deepcopy(model)
+    try:
+        fx_graph = tracer.trace(source, concrete_args=concrete_args)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure becomes a TraceError with a location
+        raise TraceError(_explain_trace_failure(model, exc)) from exc
+    gm = fx.GraphModule(tracer.root, fx_graph, type(model).__name__)
+    gm.train(model.training)
+    return MorphGraph(gm, inputs, probe_inputs=probe_inputs, rules=rules)
+
+
+def _explain_trace_failure(model: torch.nn.Module, exc: BaseException) -> str:
+    torch_dir = os.path.dirname(torch.__file__)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)]
+    frames = [f for f in frames if os.path.basename(os.path.dirname(f.filename)) != "morphir"] or frames
+    where = ""
+    if frames:
+        f = frames[-1]
+        code = (f.line or "").strip()
+        where = f" at {f.filename}:{f.lineno}" + (f" `{code}`" if code else "") + f" (in {f.name})"
+    return (
+        f"torch.fx cannot trace {type(model).__name__}: {type(exc).__name__}: {exc}{where}. "
+        "Data-dependent Python (if/for on tensor values, tensor-valued shapes) cannot be traced: "
+        "mark the module that contains it as a leaf (trace(..., leaf_modules=[ThatModule]) or "
+        "leaf_policy=...), or fix the Python-valued arguments with concrete_args={...}."
+    )
+
+
+def stable_seed(text: str) -> int:
+    """A deterministic 31-bit seed from a string (for reproducible initialisation of new layers)."""
+    return zlib.crc32(text.encode()) & 0x7FFFFFFF

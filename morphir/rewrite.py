@@ -1,0 +1,384 @@
+"""The rewriter: morphisms record edits here, the engine applies them all in one pass.
+
+Two kinds of edits:
+
+* **channel edits** on a coupled group: each old channel becomes zero, one or several *copies*;
+  a copy adds a delta to the producers' incoming weights and scales what consumers read from it.
+  A split is two copies ``(+θ, ½)`` and ``(−θ, ½)``; a prune is zero copies.
+* **insertions** of new layers after a node, in sequence or as a residual branch.
+
+Insertions are applied first, then every channel edit at once: one index-select per affected
+parameter, so the cost is linear in the number of edits.
+
+>>> rw.split("features.0", 3, delta={"features.0.0": theta_row})
+>>> rw.remove("features.1", 0)
+>>> rw.insert_after("relu_2", [("conv", conv), ("act", nn.ReLU())], residual=False)
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from morphir.channels import ChannelAnalysis, Layout
+from morphir.errors import InvariantError, MorphismError, TraceError
+
+__all__ = ["ChannelCopy", "Rewriter"]
+
+log = logging.getLogger(__name__)
+
+_FOLD_RTOL = 1e-6
+
+
+@dataclass(frozen=True)
+class ChannelCopy:
+    """One copy of an old channel: ``delta`` is added to each producer's incoming weights
+    (keyed by producer module name; missing producers get no delta), ``scale`` multiplies
+    the consumers' weights that read the copy."""
+
+    delta: Mapping[str, torch.Tensor] | None = None
+    scale: float = 1.0
+
+
+_KEEP = (ChannelCopy(),)
+
+
+@dataclass(frozen=True)
+class _Insert:
+    node: str
+    modules: tuple[tuple[str, nn.Module], ...]
+    residual: bool
+    origin: str
+
+
+@dataclass
+class _Plan:
+    """New channels of one group: new channel j copies old channel ``src[j]``."""
+
+    old_width: int
+    src: torch.Tensor
+    scale: torch.Tensor
+    deltas: list[tuple[int, Mapping[str, torch.Tensor]]]
+    removed: list[int]
+
+
+class Rewriter:
+    """Collects the edits of one rewrite of ``graph`` (a working copy owned by the engine).
+
+    Morphisms read the graph (``rw.graph``: groups, weights, shapes) and call the recording
+    methods; nothing changes until the engine applies the edits.
+    """
+
+    def __init__(self, graph):
+        self.graph = graph
+        self._channels: dict[tuple[str, int], tuple[tuple[ChannelCopy, ...], str]] = {}
+        self._inserts: list[_Insert] = []
+
+    # -- recording ---------------------------------------------------------------------------
+    def set_copies(self, group: str, channel: int, copies: Sequence[ChannelCopy], origin: str) -> None:
+        """Replace ``channel`` of ``group`` by ``copies`` (empty: remove it). ``origin`` names the site."""
+        grp = self.graph.group(group)
+        if not grp.growable:
+            raise MorphismError(f"{origin}: group {group!r} cannot change width: {'; '.join(grp.blocked)}")
+        if not 0 <= channel < grp.width:
+            raise MorphismError(f"{origin}: channel {channel} is outside group {group!r} of width {grp.width}")
+        key = (group, channel)
+        if key in self._channels:
+            raise MorphismError(
+                f"{origin} and {self._channels[key][1]} both edit channel {channel} of group {group!r}; "
+                "apply them in separate rewrites"
+            )
+        self._channels[key] = (tuple(copies), origin)
+
+    def split(self, group: str, channel: int, delta: Mapping[str, torch.Tensor] | None = None, *, origin: str = "split") -> None:
+        """Split ``channel`` in two: incoming weights ``w + delta`` and ``w − delta``, outgoing halved."""
+        neg = None if delta is None else {k: -v for k, v in delta.items()}
+        self.set_copies(group, channel, (ChannelCopy(delta, 0.5), ChannelCopy(neg, 0.5)), origin)
+
+    def remove(self, group: str, channel: int, *, origin: str = "remove") -> None:
+        """Remove ``channel``; the constant it would output with zero incoming weights is folded
+        into the consumers' biases where that is exact."""
+        self.set_copies(group, channel, (), origin)
+
+    def perturb(self, group: str, channel: int, delta: Mapping[str, torch.Tensor], *, origin: str = "perturb") -> None:
+        """Add ``delta`` to the incoming weights of ``channel`` (its width stays)."""
+        self.set_copies(group, channel, (ChannelCopy(delta, 1.0),), origin)
+
+    def insert_after(
+        self, node: str, modules: Sequence[tuple[str, nn.Module]], *, residual: bool, origin: str = "insert"
+    ) -> None:
+        """Insert ``modules`` as a chain after ``node``: ``y = chain(x)``, or ``y = x + chain(x)``
+        when ``residual``. Each module is registered as ``{node}_{suffix}`` (made unique)."""
+        self.graph.node(node)  # raises if missing
+        if not modules:
+            raise MorphismError(f"{origin}: nothing to insert after {node!r}")
+        self._inserts.append(_Insert(node, tuple(modules), residual, origin))
+
+    @property
+    def empty(self) -> bool:
+        """True when nothing has been recorded."""
+        return not self._channels and not self._inserts
+
+    # -- applying ----------------------------------------------------------------------------
+    def apply(self) -> None:
+        """Apply every recorded edit to ``self.graph`` (engine use)."""
+        if self._inserts:
+            _apply_inserts(self.graph, self._inserts)
+            self._refresh(sorted({i.origin for i in self._inserts}))
+        if self._channels:
+            _apply_channel_edits(self.graph, self._plans())
+            self._refresh(sorted({origin for _, origin in self._channels.values()}))
+
+    def _refresh(self, origins: list[str]) -> None:
+        self.graph.invalidate()
+        try:
+            self.graph.propagate_shapes()
+        except TraceError as exc:
+            shown = ", ".join(origins[:5]) + (", ..." if len(origins) > 5 else "")
+            raise InvariantError(f"the rewrite by {shown} produced a graph that does not run: {exc.__cause__}") from exc
+
+    def _plans(self) -> dict[str, _Plan]:
+        by_group: dict[str, dict[int, tuple[ChannelCopy, ...]]] = defaultdict(dict)
+        origins: dict[str, str] = {}
+        for (group, channel), (copies, origin) in self._channels.items():
+            by_group[group][channel] = copies
+            origins.setdefault(group, origin)
+        plans = {}
+        for group, edits in by_group.items():
+            grp = self.graph.group(group)
+            src: list[int] = []
+            scale: list[float] = []
+            deltas: list[tuple[int, Mapping[str, torch.Tensor]]] = []
+            extra: list[tuple[int, ChannelCopy]] = []
+            removed: list[int] = []
+            for c in range(grp.width):
+                copies = edits.get(c, _KEEP)
+                if not copies:
+                    removed.append(c)
+                    continue
+                extra.extend((c, cp) for cp in copies[1:])
+                copies = copies[:1]
+                for cp in copies:
+                    if cp.delta:
+                        deltas.append((len(src), cp.delta))
+                    src.append(c)
+                    scale.append(cp.scale)
+            for c, cp in extra:
+                if cp.delta:
+                    deltas.append((len(src), cp.delta))
+                src.append(c)
+                scale.append(cp.scale)
+            if not src:
+                raise MorphismError(
+                    f"{origins[group]}: the rewrite would remove every channel of group {group!r}; keep at least one"
+                )
+            plans[group] = _Plan(grp.width, torch.tensor(src), torch.tensor(scale), deltas, removed)
+        return plans
+
+
+# -- insertions ----------------------------------------------------------------------------------
+def _unique_name(gm: fx.GraphModule, base: str) -> str:
+    name, k = base, 1
+    while hasattr(gm, name):
+        k += 1
+        name = f"{base}{k}"
+    return name
+
+
+def _apply_inserts(graph, inserts: Sequence[_Insert]) -> None:
+    gm: fx.GraphModule = graph.module
+    for ins in inserts:
+        anchor = graph.node(ins.node)
+        created: list[fx.Node] = []
+        with gm.graph.inserting_after(anchor):
+            prev = anchor
+            for suffix, module in ins.modules:
+                name = _unique_name(gm, f"{ins.node}_{suffix}")
+                gm.add_submodule(name, module)
+                with gm.graph.inserting_after(prev):
+                    prev = gm.graph.call_module(name, (prev,))
+                created.append(prev)
+            if ins.residual:
+                with gm.graph.inserting_after(prev):
+                    prev = gm.graph.call_function(operator.add, (anchor, prev))
+                created.append(prev)
+        keep = set(created)
+        anchor.replace_all_uses_with(prev, delete_user_cb=lambda user: user not in keep)
+        for n in created:
+            n.meta["morphir.created_by"] = ins.origin
+    gm.graph.lint()
+    gm.recompile()
+
+
+# -- channel edits -------------------------------------------------------------------------------
+def _index(layout: Layout, plans: Mapping[str, _Plan]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Feature index and scale along ``layout`` after the plans; None when no segment changes."""
+    if not any(seg.group in plans for seg in layout.segments):
+        return None
+    idx_parts, scale_parts = [], []
+    for seg in layout.segments:
+        plan = plans.get(seg.group)
+        if plan is None:
+            n = seg.width * seg.inner
+            idx_parts.append(torch.arange(seg.offset, seg.offset + n))
+            scale_parts.append(torch.ones(n))
+        else:
+            base = plan.src * seg.inner + seg.offset
+            idx_parts.append((base[:, None] + torch.arange(seg.inner)).reshape(-1))
+            scale_parts.append(plan.scale.repeat_interleave(seg.inner))
+    return torch.cat(idx_parts), torch.cat(scale_parts)
+
+
+def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    if name in module._parameters:
+        old = module._parameters[name]
+        module._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else True)
+    else:
+        module._buffers[name] = value
+
+
+def _edit_rows(module: nn.Module, idx: torch.Tensor, old: int) -> None:
+    """Index every per-channel tensor of ``module`` along dim 0 and update its size attributes."""
+    with torch.no_grad():
+        for name, t in [*module._parameters.items(), *module._buffers.items()]:
+            if t is not None and t.dim() >= 1 and t.shape[0] == old:
+                _replace(module, name, t.detach()[idx.to(t.device)].clone())
+    new = int(idx.numel())
+    for attr in ("out_channels", "out_features", "num_features", "num_parameters"):
+        if getattr(module, attr, None) == old:
+            setattr(module, attr, new)
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups == old and module.in_channels == old:
+        module.groups = module.in_channels = new
+
+
+def _edit_cols(module: nn.Module, idx: torch.Tensor, scale: torch.Tensor) -> None:
+    w = module.weight.detach()
+    view = (1, -1) + (1,) * (w.dim() - 2)
+    _replace(module, "weight", (w[:, idx.to(w.device)] * scale.to(w).view(view)).contiguous())
+    new = int(idx.numel())
+    if isinstance(module, nn.Linear):
+        module.in_features = new
+    else:
+        module.in_channels = new
+
+
+def _linear_part(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The module's output without bias, and its channel axis."""
+    if isinstance(module, nn.Linear):
+        return F.linear(x, module.weight), -1
+    return module._conv_forward(x, module.weight, None), 1
+
+
+@torch.no_grad()
+def _folded_biases(graph, an: ChannelAnalysis, plans: Mapping[str, _Plan]) -> dict[str, torch.Tensor]:
+    """Bias corrections for consumers of removed channels, where the removed contribution is constant.
+
+    A removed channel behaves as if its incoming weights were zero: it outputs a constant that
+    flows through the per-channel ops to its consumers. Run the probe batch with those weights
+    zeroed, take each consumer's input restricted to the removed features, and fold the resulting
+    output into the bias when it is the same for every sample and position.
+    """
+    removing = {g: p for g, p in plans.items() if p.removed}
+    if not removing:
+        return {}
+    gm = graph.module
+    saved: list[tuple[torch.Tensor, int, torch.Tensor]] = []
+    for g, plan in removing.items():
+        for prod in an.groups[g].producers:
+            w = gm.get_submodule(prod.module).weight
+            rows = torch.tensor(plan.removed, device=w.device)
+            saved.append((w, rows, w.data[rows].clone()))
+            w.data[rows] = 0
+    consumers = {c.module for g in removing for c in an.groups[g].consumers}
+    captured: dict[str, torch.Tensor] = {}
+    hooks = [
+        gm.get_submodule(m).register_forward_pre_hook(lambda mod, args, m=m: captured.setdefault(m, args[0]))
+        for m in consumers
+    ]
+    try:
+        graph.run_probe()
+    finally:
+        for h in hooks:
+            h.remove()
+        for w, rows, value in saved:
+            w.data[rows] = value
+    corrections = {}
+    for m in consumers:
+        module, x = gm.get_submodule(m), captured.get(m)
+        layout = an.consumer_layouts[m]
+        if x is None:
+            continue
+        mask = torch.zeros(layout.size, dtype=x.dtype, device=x.device)
+        for seg in layout.segments:
+            plan = removing.get(seg.group)
+            if plan is not None:
+                for c in plan.removed:
+                    start = seg.offset + c * seg.inner
+                    mask[start : start + seg.inner] = 1
+        view = [1] * x.dim()
+        view[layout.axis] = -1
+        out, axis = _linear_part(module, x * mask.view(view))
+        flat = out.movedim(axis, 0).reshape(out.shape[axis], -1)
+        lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
+        if bool(torch.all(hi - lo <= _FOLD_RTOL * (1 + flat.abs().max()))):
+            corrections[m] = flat.mean(dim=1)
+        else:
+            log.debug("removed channels feed %s a non-constant signal; nothing folded", m)
+    return corrections
+
+
+def _apply_channel_edits(graph, plans: Mapping[str, _Plan]) -> None:
+    gm: fx.GraphModule = graph.module
+    an: ChannelAnalysis = graph.analysis
+    biases = _folded_biases(graph, an, plans)
+
+    with torch.no_grad():
+        # fold first: a consumer may also be a producer whose rows the plans re-index below
+        for m, correction in biases.items():
+            module = gm.get_submodule(m)
+            if module.bias is None:
+                module.bias = nn.Parameter(correction.to(module.weight))
+            else:
+                module.bias += correction.to(module.bias)
+        for gname, plan in plans.items():
+            grp = an.groups[gname]
+            for prod in grp.producers:
+                module = gm.get_submodule(prod.module)
+                _edit_rows(module, plan.src, plan.old_width)
+                for j, delta in plan.deltas:
+                    if prod.module in delta:
+                        module.weight[j] += delta[prod.module].to(module.weight)
+        for m, layout in an.follower_layouts.items():
+            found = _index(layout, plans)
+            if found is not None:
+                _edit_rows(gm.get_submodule(m), found[0], layout.size)
+        for m, layout in an.consumer_layouts.items():
+            found = _index(layout, plans)
+            if found is not None:
+                _edit_cols(gm.get_submodule(m), *found)
+
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for node_name, path, layout in an.reshapes:
+        if any(seg.group in plans for seg in layout.segments):
+            size = sum(
+                (int(plans[s.group].src.numel()) if s.group in plans else s.width) * s.inner for s in layout.segments
+            )
+            node = nodes[node_name]
+            args = list(node.args)
+            if len(path) == 1:
+                args[path[0]] = size
+            else:
+                inner = list(args[path[0]])
+                inner[path[1]] = size
+                args[path[0]] = type(node.args[path[0]])(inner)
+            node.args = tuple(args)
+    gm.graph.lint()
+    gm.recompile()

@@ -1,0 +1,56 @@
+"""``prune``: remove a channel; θ is subtracted from its incoming weights.
+
+θ = 0 changes nothing; θ = w_in (the default) leaves the channel a constant, which is removed
+from every producer and consumer of its group and folded into the consumers' biases where that
+is exact. Any other θ shrinks the incoming weights and keeps the channel. A group is never
+pruned to zero channels.
+
+>>> cands = morphir.candidates(g, "prune")
+>>> g2 = morphir.apply(g, cands[:1])          # one channel fewer
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from morphir import MorphGraph, Morphism, Rewriter, Site
+
+__all__ = ["Prune"]
+
+
+class Prune(Morphism):
+    """Prune channel ``site.index`` of group ``site.anchor``."""
+
+    name = "prune"
+    description = "remove a channel (θ = its incoming weights), folding its constant into biases"
+
+    def sites(self, graph: MorphGraph) -> Iterable[Site]:
+        for grp in graph.groups:
+            if grp.growable and grp.width > 1:
+                yield from (Site(grp.name, c) for c in range(grp.width))
+
+    def theta_shape(self, graph: MorphGraph, site: Site) -> torch.Size:
+        return torch.Size([graph.incoming_numel(site.anchor)])
+
+    def default_theta(self, graph: MorphGraph, site: Site) -> torch.Tensor:
+        return graph.incoming_weights(site.anchor, site.index).clone()
+
+    def cost(self, graph: MorphGraph, site: Site) -> tuple[int, int]:
+        grp = graph.group(site.anchor)
+        return -grp.params_per_channel, -grp.flops_per_channel
+
+    def rewrite(self, rw: Rewriter, items: Sequence[tuple[Site, torch.Tensor]]) -> bool:
+        modified = False
+        for site, theta in items:
+            if not bool(torch.any(theta != 0)):
+                continue
+            w_in = rw.graph.incoming_weights(site.anchor, site.index)
+            if torch.equal(theta.to(w_in), w_in):
+                rw.remove(site.anchor, site.index, origin=f"prune@{site}")
+            else:
+                delta = {k: -v for k, v in rw.graph.unflatten_incoming(site.anchor, theta).items()}
+                rw.perturb(site.anchor, site.index, delta, origin=f"prune@{site}")
+            modified = True
+        return modified
