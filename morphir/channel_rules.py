@@ -61,9 +61,9 @@ def _conv(ctx: RuleContext, node: fx.Node, module: nn.Module | None) -> None:
     lay = ctx.layout(src)
     if module.groups == 1:
         if lay is not None and lay.axis != 1:
-            ctx.unknown(node, f"conv {name} reads a tensor whose channels are not on axis 1")
-            return
-        ctx.consume(node, src, name, "conv")
+            ctx.block(lay, f"conv {name} at node {node.name} reads a tensor whose channels are not on axis 1")
+        else:
+            ctx.consume(node, src, name, "conv")
         ctx.produce(node, name, "conv", axis=1)
         ctx.remember_module(name, node, src)
     elif module.groups == module.in_channels == module.out_channels:
@@ -78,9 +78,10 @@ def _linear(ctx: RuleContext, node: fx.Node, module: nn.Module | None) -> None:
     src = ctx.tensor_args(node)[0]
     lay = ctx.layout(src)
     if lay is not None and lay.axis != lay.ndim - 1:
-        ctx.unknown(node, f"linear {name} at node {node.name} reads a tensor whose channels are not last")
-        return
-    ctx.consume(node, src, name, "linear")
+        # e.g. a network input whose channel axis was guessed: its features cannot grow, ours can
+        ctx.block(lay, f"linear {name} at node {node.name} reads a tensor whose channels are not last")
+    else:
+        ctx.consume(node, src, name, "linear")
     shape = ctx.shape(node)
     ctx.produce(node, name, "linear", axis=(len(shape) - 1) if shape is not None else 1)
     ctx.remember_module(name, node, src)

@@ -109,7 +109,17 @@ class ChannelGroup:
     ``blocked`` lists why the group cannot grow or shrink (empty when it can); ``nonlinear`` says
     whether a nonlinearity acts on the channels (a split changes the function only then);
     ``unit`` is the granularity channels change in (1, or a head size for attention).
+
+    Adding one channel costs ``params_per_channel + params_corner`` parameters, removing one saves
+    ``params_per_channel - params_corner``: the corner is the weight a layer that both writes and
+    reads the group (a shared conv, a block inside a residual stream) gains or loses at the
+    crossing of its new row and column. FLOPs are per sample, 2 × multiply-accumulates.
     """
+
+    def cost_of_adding(self, n: int = 1) -> tuple[int, int]:
+        """``(Δparams, ΔFLOPs)`` of adding ``n`` channels (negative ``n``: removing)."""
+        return (n * self.params_per_channel + n * n * self.params_corner,
+                n * self.flops_per_channel + n * n * self.flops_corner)
 
     name: str
     width: int
@@ -121,6 +131,8 @@ class ChannelGroup:
     nonlinear: bool
     params_per_channel: int
     flops_per_channel: int
+    params_corner: int = 0
+    flops_corner: int = 0
     unit: int = 1
 
     @property
@@ -475,7 +487,7 @@ def _collect(gm: fx.GraphModule, ctx: RuleContext) -> ChannelAnalysis:
         cons = tuple(dict.fromkeys(consumers_of[name]))
         nodes = tuple(sorted({n for s in comp for n in ctx.carriers[s]}, key=order.__getitem__))
         width = min(widths)
-        params, flops = _per_channel_cost(gm, prods, folls, cons)
+        params, flops, corner_params, corner_flops = _per_channel_cost(gm, prods, folls, cons)
         groups[name] = ChannelGroup(
             name=name,
             width=width,
@@ -487,6 +499,8 @@ def _collect(gm: fx.GraphModule, ctx: RuleContext) -> ChannelAnalysis:
             nonlinear=any(s in ctx.nonlinear_spaces for s in comp),
             params_per_channel=params,
             flops_per_channel=flops,
+            params_corner=corner_params,
+            flops_corner=corner_flops,
         )
     layouts = {n: to_layout(lay) for n, lay in ctx.layouts.items()}
     reshapes = tuple((n, path, to_layout(lay)) for n, path, lay in ctx.reshapes)
@@ -513,8 +527,8 @@ def _positions(gm: fx.GraphModule, node: fx.Node) -> int:
 
 def _per_channel_cost(
     gm: fx.GraphModule, prods: tuple[Producer, ...], folls: tuple[Follower, ...], cons: tuple[Consumer, ...]
-) -> tuple[int, int]:
-    """Parameters and FLOPs (2 × multiply-accumulates per sample) that one channel of a group costs."""
+) -> tuple[int, int, int, int]:
+    """Linear and corner parts of the parameters and FLOPs (2 × MACs per sample) of one channel."""
     nodes = {n.name: n for n in gm.graph.nodes}
     params = flops = 0
     for p in prods:
@@ -528,10 +542,16 @@ def _per_channel_cost(
         params += per
         weight = getattr(m, "weight", None)
         flops += 2 * (int(weight[0].numel()) if weight is not None and weight.dim() > 1 else 1) * _positions(gm, nodes[f.node])
+    corner_params = corner_flops = 0
+    producing = {p.module for p in prods}
     for c in cons:
         m = gm.get_submodule(c.module)
         per = int(m.weight[:, :1].numel()) * c.segment.inner
         params += per
         flops += 2 * per * _positions(gm, nodes[c.node])
-    return params, flops
+        if c.module in producing:  # the new row meets the new column
+            corner = int(m.weight[0, 0].numel()) * c.segment.inner
+            corner_params += corner
+            corner_flops += 2 * corner * _positions(gm, nodes[c.node])
+    return params, flops, corner_params, corner_flops
 

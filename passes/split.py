@@ -34,8 +34,7 @@ class Split(Morphism):
         return torch.Size([graph.incoming_numel(site.anchor)])
 
     def cost(self, graph: MorphGraph, site: Site) -> tuple[int, int]:
-        grp = graph.group(site.anchor)
-        return grp.params_per_channel, grp.flops_per_channel
+        return graph.group(site.anchor).cost_of_adding(1)
 
     def rewrite(self, rw: Rewriter, items: Sequence[tuple[Site, torch.Tensor]]) -> bool:
         for site, theta in items:
