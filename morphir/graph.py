@@ -84,6 +84,8 @@ class MorphGraph:
         self.rules = rules if rules is not None else ChannelRules.default()
         self.history: tuple[str, ...] = tuple(history)
         self._analysis: ChannelAnalysis | None = None
+        self._incoming: dict[str, list[tuple[str, torch.Size]]] = {}
+        self._probe_cache: tuple[Any, Any] | None = None
         self._valid_meta: set[str] = set()
         self.propagate_shapes()
 
@@ -95,12 +97,29 @@ class MorphGraph:
     def run_probe(self, inputs: tuple[Any, ...] | None = None) -> Any:
         """Run the module in eval mode on the probe batch (or ``inputs``), restoring its mode.
 
+        The output on the probe batch is cached until a parameter or buffer changes
+        (tracked by tensor versions, so training in place invalidates it).
+
         >>> y = g.run_probe()
         """
+        if inputs is None:
+            key = self._state_key()
+            if self._probe_cache is not None and self._probe_cache[0] == key:
+                return self._probe_cache[1]
+            out = self._run(self.probe_inputs)
+            self._probe_cache = (key, out)
+            return out
+        return self._run(inputs)
+
+    def _state_key(self) -> tuple:
+        tensors = [*self.module.parameters(), *self.module.buffers()]
+        return (self.module.code, tuple((id(t), t._version) for t in tensors))
+
+    def _run(self, inputs: tuple[Any, ...]) -> Any:
         was_training = self.module.training
         self.module.eval()
         try:
-            return self.module(*(inputs if inputs is not None else self.probe_inputs))
+            return self.module(*inputs)
         finally:
             self.module.train(was_training)
 
@@ -175,8 +194,10 @@ class MorphGraph:
     # -- incoming weights of a group: the θ of splits and prunes -------------------------------
     def incoming_shapes(self, group: str) -> list[tuple[str, torch.Size]]:
         """``(producer module, shape of one channel's incoming weights)`` for each producer of ``group``."""
-        grp = self.group(group)
-        return [(p.module, self.submodule(p.module).weight.shape[1:]) for p in grp.producers]
+        if group not in self._incoming:
+            grp = self.group(group)
+            self._incoming[group] = [(p.module, self.submodule(p.module).weight.shape[1:]) for p in grp.producers]
+        return self._incoming[group]
 
     def incoming_numel(self, group: str) -> int:
         """Total number of incoming weights of one channel of ``group`` over all its producers."""
@@ -229,6 +250,8 @@ class MorphGraph:
         if key is None:
             self._valid_meta.clear()
             self._analysis = None
+            self._incoming = {}
+            self._probe_cache = None
         else:
             self._valid_meta.discard(key)
 
@@ -242,6 +265,8 @@ class MorphGraph:
         new.rules = self.rules
         new.history = self.history
         new._analysis = None
+        new._incoming = {}
+        new._probe_cache = None
         new._valid_meta = set(self._valid_meta)
         return new
 

@@ -245,8 +245,11 @@ def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[name] = value
 
 
-def _edit_rows(module: nn.Module, idx: torch.Tensor, old: int) -> None:
-    """Index every per-channel tensor of ``module`` along dim 0 and update its size attributes."""
+def _edit_rows(module: nn.Module, idx: torch.Tensor, old: int, *, follower: bool) -> None:
+    """Index every per-channel tensor of ``module`` along dim 0 and update its size attributes.
+
+    A follower conv is depthwise: its input channels and groups follow its output channels.
+    """
     with torch.no_grad():
         for name, t in [*module._parameters.items(), *module._buffers.items()]:
             if t is not None and t.dim() >= 1 and t.shape[0] == old:
@@ -255,7 +258,7 @@ def _edit_rows(module: nn.Module, idx: torch.Tensor, old: int) -> None:
     for attr in ("out_channels", "out_features", "num_features", "num_parameters"):
         if getattr(module, attr, None) == old:
             setattr(module, attr, new)
-    if isinstance(module, nn.modules.conv._ConvNd) and module.groups == old and module.in_channels == old:
+    if follower and isinstance(module, nn.modules.conv._ConvNd):
         module.groups = module.in_channels = new
 
 
@@ -352,14 +355,14 @@ def _apply_channel_edits(graph, plans: Mapping[str, _Plan]) -> None:
             grp = an.groups[gname]
             for prod in grp.producers:
                 module = gm.get_submodule(prod.module)
-                _edit_rows(module, plan.src, plan.old_width)
+                _edit_rows(module, plan.src, plan.old_width, follower=False)
                 for j, delta in plan.deltas:
                     if prod.module in delta:
                         module.weight[j] += delta[prod.module].to(module.weight)
         for m, layout in an.follower_layouts.items():
             found = _index(layout, plans)
             if found is not None:
-                _edit_rows(gm.get_submodule(m), found[0], layout.size)
+                _edit_rows(gm.get_submodule(m), found[0], layout.size, follower=True)
         for m, layout in an.consumer_layouts.items():
             found = _index(layout, plans)
             if found is not None:

@@ -38,6 +38,6 @@ class Split(Morphism):
 
     def rewrite(self, rw: Rewriter, items: Sequence[tuple[Site, torch.Tensor]]) -> bool:
         for site, theta in items:
-            delta = rw.graph.unflatten_incoming(site.anchor, theta)
+            delta = rw.graph.unflatten_incoming(site.anchor, theta) if bool(torch.any(theta != 0)) else None
             rw.split(site.anchor, site.index, delta, origin=f"split@{site}")
         return bool(items)

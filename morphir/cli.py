@@ -1,0 +1,154 @@
+"""The ``morphir`` command line.
+
+    morphir inspect zoo:vgg19 --input-shape 1,3,32,32 [--json]
+    morphir inspect model.pt --input-shape 1,3,32,32 [--allow-pickle]
+
+Errors go to stderr as ``morphir: error: ...`` with exit status 1 (2 for bad arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from morphir.engine import candidates, default_registry
+from morphir.errors import MorphirError
+from morphir.graph import MorphGraph, trace
+from morphir.load import ZOO_PREFIX, resolve_model
+
+__all__ = ["main", "build_parser"]
+
+DEFAULT_SHAPE = (1, 3, 32, 32)
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape; write it as N,C,H,W, e.g. 1,3,32,32") from None
+    if len(dims) < 2 or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape of positive sizes with a batch dim, e.g. 1,3,32,32")
+    return dims
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``morphir`` command."""
+    parser = argparse.ArgumentParser(prog="morphir", description="Grow neural networks by rewriting their graphs.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="show the traced graph's channel groups and candidate morphisms")
+    p.add_argument("model", help="zoo:NAME (see morphir.zoo.names()) or a file written by torch.save(module)")
+    p.add_argument("--input-shape", type=_shape, default=None,
+                   help="example input shape with batch, e.g. 1,3,32,32 (default for zoo models: 1,3,32,32)")
+    p.add_argument("--num-classes", type=int, default=10, help="classes of a zoo model (default 10)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow classes other than torch.nn's when loading MODEL (runs code from the file)")
+    p.set_defaults(func=_inspect)
+    return parser
+
+
+def load_graph(spec: str, input_shape: tuple[int, ...] | None, num_classes: int, allow_pickle: bool) -> MorphGraph:
+    """Load ``spec`` (``zoo:NAME`` or a file) and trace it with a zero input of ``input_shape``."""
+    if input_shape is None:
+        if not spec.startswith(ZOO_PREFIX):
+            raise MorphirError(f"{spec}: give the example input shape with --input-shape N,C,H,W (e.g. 1,3,32,32)")
+        input_shape = DEFAULT_SHAPE
+    if spec.startswith(ZOO_PREFIX) and len(input_shape) != 4:
+        raise MorphirError(f"zoo models take images: --input-shape must be N,C,H,W, got {','.join(map(str, input_shape))}")
+    model = resolve_model(spec, input_shape=tuple(input_shape[1:]), num_classes=num_classes, allow_pickle=allow_pickle)
+    return trace(model, torch.zeros(input_shape))
+
+
+def inspect_report(graph: MorphGraph, spec: str) -> dict[str, Any]:
+    """A JSON-ready description of ``graph``: nodes, parameters, groups and candidate counts.
+
+    >>> inspect_report(morphir.trace(model, x), "model.pt")["groups"][0]["name"]
+    """
+    groups = [
+        {
+            "name": g.name,
+            "width": g.width,
+            "growable": g.growable,
+            "blocked": list(g.blocked),
+            "nonlinear": g.nonlinear,
+            "producers": [p.module for p in g.producers],
+            "followers": [f.module for f in g.followers],
+            "consumers": [{"module": c.module, "offset": c.segment.offset, "inner": c.segment.inner} for c in g.consumers],
+            "params_per_channel": g.params_per_channel,
+        }
+        for g in graph.groups
+    ]
+    counts = {m.name: len(candidates(graph, m)) for m in default_registry()}
+    return {
+        "model": spec,
+        "input_shape": [list(t.shape) for t in graph.example_inputs if isinstance(t, torch.Tensor)],
+        "nodes": len(graph.module.graph.nodes),
+        "params": graph.num_params(),
+        "groups": groups,
+        "growable_groups": sum(g["growable"] for g in groups),
+        "candidates": counts,
+    }
+
+
+def _table(report: dict[str, Any]) -> str:
+    lines = [
+        f"{report['model']}: {report['nodes']} nodes, {report['params']:,} parameters, "
+        f"{len(report['groups'])} channel groups ({report['growable_groups']} growable)",
+        "",
+    ]
+    rows = [("group", "width", "producers", "consumers", "growable")]
+    for g in report["groups"]:
+        why = "yes" if g["growable"] else "no: " + "; ".join(g["blocked"])
+        if g["growable"] and not g["nonlinear"]:
+            why += " (linear: no split)"
+        rows.append((g["name"], str(g["width"]), ", ".join(g["producers"]) or "-",
+                     ", ".join(c["module"] for c in g["consumers"]) or "-", why))
+    widths = [min(max(len(r[i]) for r in rows), 40) for i in range(4)]
+
+    def cut(text: str, n: int) -> str:
+        return text if len(text) <= n else text[: n - 1] + "…"
+
+    for r in rows:
+        lines.append("  ".join(cut(r[i], widths[i]).ljust(widths[i]) for i in range(4)) + "  " + r[4])
+    lines.append("")
+    lines.append("candidates: " + ", ".join(f"{k} {v}" for k, v in report["candidates"].items()))
+    return "\n".join(lines)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    graph = load_graph(args.model, args.input_shape, args.num_classes, args.allow_pickle)
+    report = inspect_report(graph, args.model)
+    print(json.dumps(report, indent=2) if args.json else _table(report))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``morphir`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except MorphirError as exc:
+        print(f"morphir: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("morphir: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `morphir inspect ... | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
