@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from morphir.morphism import Morphism
+from morphir import Morphism
 from morphir.passes.deepen import Deepen
 from morphir.passes.prune import Prune
 from morphir.passes.split import Split
