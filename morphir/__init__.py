@@ -33,8 +33,18 @@ from morphir.errors import (
 )
 from morphir.graph import LeafPolicy, MorphGraph, make_probe, trace
 from morphir.load import load_model, resolve_model
-from morphir.morphism import Candidate, DeltaZ, Morphism, Registry, Site
+from morphir.morphism import Candidate, Morphism, Registry, Site
 from morphir.rewrite import ChannelCopy, Rewriter
+from morphir.scoring import (
+    ScoreConfig,
+    ScoreContext,
+    contract,
+    exact_delta_loss,
+    exact_delta_losses,
+    gn_estimate,
+    propagate,
+    score,
+)
 
 __version__ = "0.1.0"
 
@@ -46,7 +56,6 @@ __all__ = [
     "ChannelGroup",
     "ChannelRules",
     "Consumer",
-    "DeltaZ",
     "Follower",
     "InvariantError",
     "Layout",
@@ -61,6 +70,8 @@ __all__ = [
     "Producer",
     "Registry",
     "Rewriter",
+    "ScoreConfig",
+    "ScoreContext",
     "RuleContext",
     "Segment",
     "Site",
@@ -69,15 +80,21 @@ __all__ = [
     "apply",
     "blocking",
     "candidates",
+    "contract",
     "default_registry",
+    "exact_delta_loss",
+    "exact_delta_losses",
     "follower",
+    "gn_estimate",
     "load_model",
     "make_probe",
     "morphisms",
     "output_mismatch",
     "passthrough",
+    "propagate",
     "resolve_model",
     "rewrite",
+    "score",
     "trace",
     "zoo",
 ]

@@ -10,7 +10,7 @@ A morphism is a class with a ``name`` and four methods::
             ...
         def rewrite(self, rw, items):        # record edits for [(site, θ), ...]; return "modified"
             ...
-        def delta_z(self, graph, site, theta, captured):  # Δz for the scoring pass
+        def local_change(self, ctx, sites, theta):  # Δz·g for the scoring pass
             ...
 
 The engine (:func:`morphir.apply`), not the morphism, checks the contract: it verifies that the
@@ -20,7 +20,7 @@ rewrite at θ = 0 preserves the function on a probe batch and that ``modified`` 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -31,8 +31,9 @@ from morphir.errors import MorphismError
 if TYPE_CHECKING:
     from morphir.graph import MorphGraph
     from morphir.rewrite import Rewriter
+    from morphir.scoring import ScoreContext
 
-__all__ = ["Site", "Candidate", "Morphism", "Registry", "DeltaZ"]
+__all__ = ["Site", "Candidate", "Morphism", "Registry"]
 
 
 @dataclass(frozen=True, order=True)
@@ -95,14 +96,6 @@ class Candidate:
         return f"Candidate({self.name}@{self.site}, Δparams={self.delta_params:+d}{est})"
 
 
-@dataclass(frozen=True)
-class DeltaZ:
-    """The local change a morphism makes: ``value`` added to the output of ``node`` (same shape)."""
-
-    node: str
-    value: torch.Tensor
-
-
 class Morphism(ABC):
     """Base class of every morphism, built-in or custom.
 
@@ -141,16 +134,45 @@ class Morphism(ABC):
         """``(Δparams, ΔFLOPs per sample)`` of applying the morphism at ``site``."""
         return (0, 0)
 
-    def delta_z(
-        self, graph: MorphGraph, site: Site, theta: torch.Tensor, captured: Mapping[str, torch.Tensor]
-    ) -> DeltaZ:
-        """The change Δz(θ) at the morphism's local output, from ``captured`` activations.
+    # -- scoring hooks (see morphir.scoring) -------------------------------------------------------
+    learnable: ClassVar[bool] = True
+    """Whether θ is learned when scoring (False: θ stays at its default, e.g. a prune)."""
 
-        ``captured`` maps node names to their outputs on the current batch. The scoring pass
-        contracts Δz with ∂L/∂z to estimate ΔL without building the expanded network.
-        Morphisms that cannot be scored this way raise :class:`NotImplementedError`.
+    def batch_key(self, graph: MorphGraph, site: Site) -> Hashable:
+        """Sites with the same key are scored together, θ stacked (default: each site alone)."""
+        return site
+
+    def init_theta(self, graph: MorphGraph, sites: Sequence[Site], trust: float, gen: torch.Generator) -> torch.Tensor:
+        """Starting θ for ``sites`` stacked on dim 0, within the trust region (default: zeros)."""
+        return torch.stack([self.zero_theta(graph, s) for s in sites])
+
+    def trust_radius(self, graph: MorphGraph, sites: Sequence[Site], trust: float) -> torch.Tensor:
+        """Largest norm of θ allowed per site when learning θ (default: unbounded)."""
+        return torch.full((len(sites),), float("inf"))
+
+    def alias_calls(self, graph: MorphGraph, sites: Sequence[Site]) -> Iterable[str]:
+        """Call nodes whose input gradient (through that call only) ``local_change`` reads."""
+        return ()
+
+    def grad_nodes(self, graph: MorphGraph, sites: Sequence[Site]) -> Iterable[str]:
+        """Nodes whose output gradient ``local_change`` reads."""
+        return ()
+
+    def site_nodes(self, graph: MorphGraph, site: Site) -> Iterable[str]:
+        """Nodes that carry the site's score record: a group's producer calls, or the anchor node."""
+        if site.anchor in graph.analysis.groups:
+            return [p.node for p in graph.group(site.anchor).producers]
+        return [site.anchor]
+
+    def local_change(self, ctx: ScoreContext, sites: Sequence[Site], theta: torch.Tensor) -> torch.Tensor:
+        """Δz(θ)·g per site and sample, shape ``(len(sites), N)``, differentiable in ``theta``.
+
+        Δz is the change the morphism makes where it first appears (a consumer's input, the output
+        of an anchor node) and g the per-sample loss gradient there, both read from ``ctx``; the
+        scoring pass turns it into ΔL ≈ s + s²/(4L). Morphisms that cannot be scored raise
+        :class:`NotImplementedError` (the message says why).
         """
-        raise NotImplementedError(f"morphism {self.name!r} does not define delta_z, so it cannot be scored")
+        raise NotImplementedError(f"morphism {self.name!r} does not define local_change")
 
     def candidates(self, graph: MorphGraph) -> list[Candidate]:
         """A :class:`Candidate` for every site, with its parameter and FLOP cost.

@@ -15,7 +15,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from morphir import MorphGraph, Morphism, Rewriter, Site
+from morphir import MorphGraph, Morphism, Rewriter, ScoreContext, Site, contract, propagate
+from morphir.passes._channel_scoring import consumer_calls, incoming_stack, producer_change, stack_theta
 
 __all__ = ["Prune"]
 
@@ -53,3 +54,26 @@ class Prune(Morphism):
                 rw.perturb(site.anchor, site.index, delta, origin=f"prune@{site}")
             modified = True
         return modified
+
+    # -- scoring: θ is fixed at its default (the channel's incoming weights) and only estimated ----
+    learnable = False
+
+    def batch_key(self, graph: MorphGraph, site: Site) -> str:
+        return site.anchor
+
+    def init_theta(self, graph: MorphGraph, sites: Sequence[Site], trust: float, gen: torch.Generator) -> torch.Tensor:
+        return incoming_stack(graph, sites)
+
+    def alias_calls(self, graph: MorphGraph, sites: Sequence[Site]) -> list[str]:
+        return consumer_calls(graph, sites[0].anchor)
+
+    def local_change(self, ctx: ScoreContext, sites: Sequence[Site], theta: torch.Tensor) -> torch.Tensor:
+        group = sites[0].anchor
+        grp = ctx.graph.group(group)
+        change = producer_change(ctx, group, stack_theta(ctx.graph, group, sites, theta))
+        pruned = propagate(ctx, grp, {n: ctx.value(n) - d for n, d in change.items()})
+
+        def delta(node: str) -> torch.Tensor | None:
+            return pruned[node] - ctx.value(node) if node in pruned else None
+
+        return contract(ctx, grp, delta)[[s.index for s in sites]]

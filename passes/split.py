@@ -14,7 +14,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from morphir import MorphGraph, Morphism, Rewriter, Site
+from morphir import MorphGraph, Morphism, Rewriter, ScoreContext, Site, contract, propagate
+from morphir.passes._channel_scoring import consumer_calls, incoming_stack, producer_change, stack_theta
 
 __all__ = ["Split"]
 
@@ -41,3 +42,33 @@ class Split(Morphism):
             delta = rw.graph.unflatten_incoming(site.anchor, theta) if bool(torch.any(theta != 0)) else None
             rw.split(site.anchor, site.index, delta, origin=f"split@{site}")
         return bool(items)
+
+    # -- scoring ---------------------------------------------------------------------------------
+    def batch_key(self, graph: MorphGraph, site: Site) -> str:
+        return site.anchor
+
+    def trust_radius(self, graph: MorphGraph, sites: Sequence[Site], trust: float) -> torch.Tensor:
+        return trust * incoming_stack(graph, sites).norm(dim=1)
+
+    def init_theta(self, graph: MorphGraph, sites: Sequence[Site], trust: float, gen: torch.Generator) -> torch.Tensor:
+        # θ = 0 is a stationary point of a split's ΔL (it is even in θ): start on a random
+        # direction at half the trust radius
+        w = incoming_stack(graph, sites)
+        direction = torch.randn(w.shape, generator=gen)
+        direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return direction * (0.5 * trust * w.norm(dim=1, keepdim=True))
+
+    def alias_calls(self, graph: MorphGraph, sites: Sequence[Site]) -> list[str]:
+        return consumer_calls(graph, sites[0].anchor)
+
+    def local_change(self, ctx: ScoreContext, sites: Sequence[Site], theta: torch.Tensor) -> torch.Tensor:
+        group = sites[0].anchor
+        grp = ctx.graph.group(group)
+        change = producer_change(ctx, group, stack_theta(ctx.graph, group, sites, theta))
+        plus = propagate(ctx, grp, {n: ctx.value(n) + d for n, d in change.items()})
+        minus = propagate(ctx, grp, {n: ctx.value(n) - d for n, d in change.items()})
+
+        def delta(node: str) -> torch.Tensor | None:
+            return (plus[node] + minus[node]) / 2 - ctx.value(node) if node in plus else None
+
+        return contract(ctx, grp, delta)[[s.index for s in sites]]
