@@ -38,7 +38,7 @@ from morphir.rewrite import ChannelCopy, Rewriter
 from morphir.scoring import (
     ScoreConfig,
     ScoreContext,
-    contract,
+    dot_at_consumers,
     exact_delta_loss,
     exact_delta_losses,
     gn_estimate,
@@ -80,8 +80,8 @@ __all__ = [
     "apply",
     "blocking",
     "candidates",
-    "contract",
     "default_registry",
+    "dot_at_consumers",
     "exact_delta_loss",
     "exact_delta_losses",
     "follower",

@@ -59,14 +59,17 @@ def _conv(ctx: RuleContext, node: fx.Node, module: nn.Module | None) -> None:
     name = str(node.target)
     src = ctx.tensor_args(node)[0]
     lay = ctx.layout(src)
-    if module.groups == 1:
+    depthwise = module.groups == module.in_channels == module.out_channels and (
+        module.groups > 1 or getattr(module, "morphir_depthwise", False)
+    )
+    if module.groups == 1 and not depthwise:
         if lay is not None and lay.axis != 1:
             ctx.block(lay, f"conv {name} at node {node.name} reads a tensor whose channels are not on axis 1")
         else:
             ctx.consume(node, src, name, "conv")
         ctx.produce(node, name, "conv", axis=1)
         ctx.remember_module(name, node, src)
-    elif module.groups == module.in_channels == module.out_channels:
+    elif depthwise:
         ctx.follow(node, name, "depthwise")
         ctx.remember_module(name, node, src)
     else:

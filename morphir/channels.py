@@ -471,6 +471,7 @@ def _collect(gm: fx.GraphModule, ctx: RuleContext) -> ChannelAnalysis:
         for seg in public.segments:
             consumers_of[seg.group].append(Consumer(module_name, node_name, kind, seg))
 
+    follower_layouts = {m: to_layout(lay) for m, lay in ctx.follower_layouts.items()}
     for name, comp in pending:
         widths = {ctx.widths[s] for s in comp}
         reasons = list(dict.fromkeys(r for s in comp for r in ctx.reasons[s]))
@@ -487,7 +488,10 @@ def _collect(gm: fx.GraphModule, ctx: RuleContext) -> ChannelAnalysis:
         cons = tuple(dict.fromkeys(consumers_of[name]))
         nodes = tuple(sorted({n for s in comp for n in ctx.carriers[s]}, key=order.__getitem__))
         width = min(widths)
-        params, flops, corner_params, corner_flops = _per_channel_cost(gm, prods, folls, cons)
+        counts = {
+            f.module: sum(seg.group == name for seg in follower_layouts[f.module].segments) for f in folls
+        }
+        params, flops, corner_params, corner_flops = _per_channel_cost(gm, prods, folls, cons, counts)
         groups[name] = ChannelGroup(
             name=name,
             width=width,
@@ -508,7 +512,7 @@ def _collect(gm: fx.GraphModule, ctx: RuleContext) -> ChannelAnalysis:
         groups=MappingProxyType(groups),
         layouts=MappingProxyType(layouts),
         consumer_layouts=MappingProxyType(consumer_layouts),
-        follower_layouts=MappingProxyType({m: to_layout(lay) for m, lay in ctx.follower_layouts.items()}),
+        follower_layouts=MappingProxyType(follower_layouts),
         reshapes=reshapes,
         space_graph=ctx.space_graph,
         space_group=MappingProxyType(space_group),
@@ -526,7 +530,11 @@ def _positions(gm: fx.GraphModule, node: fx.Node) -> int:
 
 
 def _per_channel_cost(
-    gm: fx.GraphModule, prods: tuple[Producer, ...], folls: tuple[Follower, ...], cons: tuple[Consumer, ...]
+    gm: fx.GraphModule,
+    prods: tuple[Producer, ...],
+    folls: tuple[Follower, ...],
+    cons: tuple[Consumer, ...],
+    follower_counts: Mapping[str, int],
 ) -> tuple[int, int, int, int]:
     """Linear and corner parts of the parameters and FLOPs (2 × MACs per sample) of one channel."""
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -538,10 +546,12 @@ def _per_channel_cost(
         flops += 2 * row * _positions(gm, nodes[p.node])
     for f in folls:
         m = gm.get_submodule(f.module)
-        per = sum(int(t[0].numel()) for t in m.parameters(recurse=False) if t.dim() >= 1)
+        times = follower_counts.get(f.module, 1)  # a follower after cat([h, h]) carries the group twice
+        per = times * sum(int(t[0].numel()) for t in m.parameters(recurse=False) if t.dim() >= 1)
         params += per
         weight = getattr(m, "weight", None)
-        flops += 2 * (int(weight[0].numel()) if weight is not None and weight.dim() > 1 else 1) * _positions(gm, nodes[f.node])
+        per_flop = int(weight[0].numel()) if weight is not None and weight.dim() > 1 else 1
+        flops += 2 * times * per_flop * _positions(gm, nodes[f.node])
     corner_params = corner_flops = 0
     producing = {p.module for p in prods}
     for c in cons:

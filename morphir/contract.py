@@ -85,6 +85,38 @@ def _live_theta(graph: MorphGraph, cand: Candidate, gen: torch.Generator) -> tor
     return torch.randn(shape, generator=gen) * scale
 
 
+@torch.no_grad()
+def _node_values(graph: MorphGraph) -> dict[str, torch.Tensor]:
+    values: dict[str, torch.Tensor] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node):
+            out = super().run_node(n)
+            if isinstance(out, torch.Tensor):
+                values[n.name] = out
+            return out
+
+    gm = graph.module
+    was_training = gm.training
+    gm.eval()
+    try:
+        Recorder(gm).run(*graph.probe_inputs)
+    finally:
+        gm.train(was_training)
+    return values
+
+
+def _inside_changed(graph: MorphGraph, other: MorphGraph) -> bool:
+    """Whether any node both graphs share (same name and shape) computes something different."""
+    before, after = _node_values(graph), _node_values(other)
+    for name, a in before.items():
+        b = after.get(name)
+        if b is not None and a.shape == b.shape and a.is_floating_point():
+            if float((a - b).abs().max()) > 1e-5 * (1 + float(a.abs().max())):
+                return True
+    return False
+
+
 def _sample(cands: list[Candidate], per_anchor: int | None) -> list[Candidate]:
     if per_anchor is None:
         return cands
@@ -152,8 +184,9 @@ def check_morphism(
             # piecewise-linear activations hide small θ (no kink crossed), so try growing scales
             theta = _live_theta(graph, c, gen)
             for scale in (1.0, 4.0, 16.0):
-                err, tol = output_mismatch(graph, apply(graph, [c], {c: scale * theta}, verify=False))
-                if err > tol:
+                moved = apply(graph, [c], {c: scale * theta}, verify=False)
+                err, tol = output_mismatch(graph, moved)
+                if err > tol or _inside_changed(graph, moved):  # a dead ReLU downstream can hide θ
                     break
             else:
                 raise _fail(morphism, c, f"θ ≠ 0 (|θ| up to {16 * float(theta.norm()):.3g}) left the output unchanged: θ is dead")

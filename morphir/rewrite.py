@@ -260,6 +260,8 @@ def _edit_rows(module: nn.Module, idx: torch.Tensor, old: int, *, follower: bool
             setattr(module, attr, new)
     if follower and isinstance(module, nn.modules.conv._ConvNd):
         module.groups = module.in_channels = new
+        # at width 1 a depthwise conv looks dense (groups == 1): remember its role for the analysis
+        module.morphir_depthwise = True
 
 
 def _edit_cols(module: nn.Module, idx: torch.Tensor, scale: torch.Tensor) -> None:

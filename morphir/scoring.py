@@ -37,7 +37,7 @@ __all__ = [
     "ScoreConfig",
     "score",
     "propagate",
-    "contract",
+    "dot_at_consumers",
     "gn_estimate",
     "exact_delta_loss",
     "exact_delta_losses",
@@ -209,7 +209,7 @@ def propagate(ctx: ScoreContext, group: ChannelGroup, start: Mapping[str, torch.
     return vals
 
 
-def contract(ctx: ScoreContext, group: ChannelGroup, delta: Callable[[str], torch.Tensor | None]) -> torch.Tensor:
+def dot_at_consumers(ctx: ScoreContext, group: ChannelGroup, delta: Callable[[str], torch.Tensor | None]) -> torch.Tensor:
     """Σ over the group's consumers of Δz·g per channel and sample, shape (width, N).
 
     ``delta(node)`` gives Δz at a node a consumer reads (None: unchanged); g is the gradient
@@ -303,7 +303,10 @@ def score(
             ctx = capture(graph, x, y, loss_fn, grad_nodes=grad_nodes, alias_calls=alias_calls)
             total = torch.zeros(())
             for i, (m, group, theta, _) in enumerate(plans):
-                s = m.local_change(ctx, [c.site for c in group], theta)
+                try:
+                    s = m.local_change(ctx, [c.site for c in group], theta)
+                except NotImplementedError as exc:
+                    raise MorphismError(f"morphism {m.name!r} cannot be scored: {exc}") from exc
                 est = gn_estimate(s, ctx.losses, per_sample=cfg.per_sample)
                 e = est.detach()
                 ema[i] = e if ema[i] is None else cfg.ema * ema[i] + (1 - cfg.ema) * e

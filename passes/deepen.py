@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from morphir import MorphGraph, Morphism, Rewriter, Site
+from morphir import MorphGraph, Morphism, Rewriter, ScoreContext, Site
 
 __all__ = ["Deepen"]
 
@@ -80,6 +80,15 @@ class Deepen(Morphism):
             return nn.Linear(c, c)
         return _CONVS[ndim](c, c, 3, padding=1)
 
+    def _first_layer(self, graph: MorphGraph, site: Site) -> nn.Module:
+        """The residual branch's first layer, drawn from a generator seeded by the site."""
+        layer = self._layer(graph, site)
+        gen = torch.Generator().manual_seed(zlib.crc32(f"deepen@{site}".encode()) & 0x7FFFFFFF)
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(layer.weight, a=5**0.5, generator=gen)
+            layer.bias.zero_()
+        return layer
+
     def theta_shape(self, graph: MorphGraph, site: Site) -> torch.Size:
         return self._layer(graph, site).weight.shape
 
@@ -107,11 +116,8 @@ class Deepen(Morphism):
                 act = _IDEMPOTENT[_op(rw.graph, site.anchor)]()
                 rw.insert_after(site.anchor, [("deep", layer), ("deep_act", act)], residual=False, origin=origin)
             elif site.variant == "residual":
-                gen = torch.Generator().manual_seed(zlib.crc32(origin.encode()) & 0x7FFFFFFF)
-                first, last = self._layer(rw.graph, site), self._layer(rw.graph, site)
+                first, last = self._first_layer(rw.graph, site), self._layer(rw.graph, site)
                 with torch.no_grad():
-                    nn.init.kaiming_uniform_(first.weight, a=5**0.5, generator=gen)
-                    first.bias.zero_()
                     last.weight.copy_(theta.to(last.weight))
                     last.bias.zero_()
                 modules = [("res1", first), ("res_act", nn.ReLU()), ("res2", last)]
@@ -119,3 +125,35 @@ class Deepen(Morphism):
             else:
                 raise ValueError(f"unknown deepen variant {site.variant!r} at {site.anchor!r}")
         return bool(items)
+
+    # -- scoring: Δz is the new layer's contribution at the anchor, read by all its users ------------
+    def grad_nodes(self, graph: MorphGraph, sites: Sequence[Site]) -> list[str]:
+        return [s.anchor for s in sites]
+
+    def trust_radius(self, graph: MorphGraph, sites: Sequence[Site], trust: float) -> torch.Tensor:
+        radii = []
+        for site in sites:
+            if site.variant == "residual":
+                radii.append(trust * float(self._first_layer(graph, site).weight.detach().norm()))
+            else:
+                radii.append(trust * float(self._layer(graph, site).weight.shape[0]) ** 0.5)  # ‖I‖
+        return torch.tensor(radii)
+
+    def local_change(self, ctx: ScoreContext, sites: Sequence[Site], theta: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for site, t in zip(sites, theta):
+            a, g = ctx.value(site.anchor), ctx.grad(site.anchor)
+            layer = self._layer(ctx.graph, site)
+            apply_weight = (lambda x, w: F.linear(x, w)) if isinstance(layer, nn.Linear) else (
+                lambda x, w: layer._conv_forward(x, w, None))
+            if site.variant == "residual":
+                hidden = torch.relu(self._first_layer(ctx.graph, site)(a))
+                dz = apply_weight(hidden, t)
+            else:
+                eye = torch.zeros_like(t)
+                idx = torch.arange(eye.shape[0])
+                eye[(idx, idx, *(k // 2 for k in eye.shape[2:]))] = 1
+                act = _IDEMPOTENT[_op(ctx.graph, site.anchor)]()
+                dz = act(apply_weight(a, eye + t)) - a
+            rows.append((dz * g).reshape(dz.shape[0], -1).sum(1))
+        return torch.stack(rows)

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from morphir import MorphGraph, Morphism, Rewriter, ScoreContext, Site, contract, propagate
+from morphir import MorphGraph, Morphism, Rewriter, ScoreContext, Site, dot_at_consumers, propagate
 from morphir.passes._channel_scoring import consumer_calls, incoming_stack, producer_change, stack_theta
 
 __all__ = ["Prune"]
@@ -76,4 +76,4 @@ class Prune(Morphism):
         def delta(node: str) -> torch.Tensor | None:
             return pruned[node] - ctx.value(node) if node in pruned else None
 
-        return contract(ctx, grp, delta)[[s.index for s in sites]]
+        return dot_at_consumers(ctx, grp, delta)[[s.index for s in sites]]

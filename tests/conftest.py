@@ -10,6 +10,9 @@ import morphir  # noqa: E402
 from morphir.contract import calibrate  # noqa: E402
 from models import EXTRA_MODELS  # noqa: E402
 
+# the test models are tiny: one intra-op thread is as fast and does not oversubscribe a shared CI box
+torch.set_num_threads(1)
+
 
 def build_graph(name: str, seed: int = 0) -> morphir.MorphGraph:
     """A traced, BN-calibrated model: ``zoo:NAME`` on 1x8x8 digits-sized input, or an extra model."""

@@ -1,0 +1,117 @@
+"""Gauss-Newton scoring: exactness where the theory says so, gradients, metadata, no side effects."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import morphir
+from morphir.scoring import capture
+
+
+def regression_net(act: type[nn.Module] = nn.ReLU, dtype=torch.float32) -> tuple[morphir.MorphGraph, list]:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), act(), nn.Linear(6, 1)).to(dtype)
+    x = torch.randn(32, 4, dtype=dtype)
+    y = torch.randn(32, 1, dtype=dtype)
+    return morphir.trace(net, x[:1]), [(x, y)]
+
+
+def test_estimate_is_exact_for_a_loss_quadratic_in_z_with_rank_one_hessian() -> None:
+    # the paper's Theorem 2 case: the split channel's activation z feeds a linear readout u = c·z + d
+    # and L = (u - y)², so per sample L(z + Δz) = L + g·Δz + (g·Δz)²/(4L) exactly
+    graph, batches = regression_net()
+    cands = morphir.score(graph, batches, F.mse_loss, morphisms=("split", "prune"),
+                          config=morphir.ScoreConfig(lr=0.0, per_sample=True))
+    exact = morphir.exact_delta_losses(graph, cands, batches, F.mse_loss)
+    assert len(cands) == 12
+    for cand, truth in zip(cands, exact):
+        assert cand.estimate == pytest.approx(truth, abs=1e-4), cand
+    assert max(abs(t) for t in exact) > 1e-3  # the θ are live: the test would notice a wrong sign or scale
+
+
+def test_whole_batch_estimate_is_the_papers_formula() -> None:
+    s = torch.tensor([[1.0, -3.0], [0.5, 0.5]])
+    losses = torch.tensor([2.0, 4.0])
+    whole = morphir.gn_estimate(s, losses, per_sample=False)
+    per = morphir.gn_estimate(s, losses, per_sample=True)
+    assert whole.tolist() == pytest.approx([-1.0 + 1.0 / 12, 0.5 + 0.25 / 12])
+    assert per.tolist() == pytest.approx([(1 + 1 / 8 - 3 + 9 / 16) / 2, (0.5 + 0.25 / 8 + 0.5 + 0.25 / 16) / 2])
+
+
+def test_gradient_of_the_estimate_matches_finite_differences() -> None:
+    graph, batches = regression_net(nn.Tanh, torch.float64)
+    split = morphir.default_registry().get("split")
+    sites = [c.site for c in morphir.candidates(graph, split)]
+    ctx = capture(graph, *batches[0], F.mse_loss, alias_calls=split.alias_calls(graph, sites))
+    theta = split.init_theta(graph, sites, 0.3, torch.Generator().manual_seed(1)).double().requires_grad_()
+
+    def estimate(t: torch.Tensor) -> torch.Tensor:
+        return morphir.gn_estimate(split.local_change(ctx, sites, t), ctx.losses, per_sample=True).sum()
+
+    (grad,) = torch.autograd.grad(estimate(theta), theta)
+    eps = 1e-6
+    for i, j in [(0, 0), (2, 3), (5, 1)]:
+        step = torch.zeros_like(theta)
+        step[i, j] = eps
+        numeric = (estimate(theta + step) - estimate(theta - step)) / (2 * eps)
+        assert float(grad[i, j]) == pytest.approx(float(numeric), rel=1e-5, abs=1e-9)
+
+
+def test_scoring_touches_no_weight_or_grad_and_writes_metadata_that_rewrites_drop() -> None:
+    graph, batches = regression_net()
+    for p in graph.module.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    before = {k: v.clone() for k, v in graph.module.state_dict().items()}
+    cands = morphir.score(graph, batches, F.mse_loss, morphisms=("split", "prune", "deepen"))
+    after = graph.module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in graph.module.parameters())
+    assert all(c.theta is not None and c.estimate is not None for c in cands)
+    records = graph.node("_0").meta["morphir.score"]
+    assert {r["morphism"] for r in records} == {"split", "prune"} and len(records) == 12
+    assert graph.is_valid("morphir.score")
+    grown = morphir.apply(graph, cands[:1], "learned")
+    assert "morphir.score" not in grown.node("_0").meta and not grown.is_valid("morphir.score")
+
+
+def test_learned_split_theta_stays_in_its_trust_region_and_lowers_the_loss() -> None:
+    graph, batches = regression_net(nn.Tanh)
+    cfg = morphir.ScoreConfig(epochs=30, trust=0.3)
+    cands = morphir.score(graph, batches, F.mse_loss, morphisms=("split",), config=cfg)
+    for c in cands:
+        w = graph.incoming_weights(c.site.anchor, c.site.index)
+        assert float(c.theta.norm()) <= 0.3 * float(w.norm()) + 1e-6
+    best = min(cands, key=lambda c: c.estimate)
+    assert best.estimate < 0
+    assert morphir.exact_delta_loss(graph, best, batches, F.mse_loss) < 0
+
+
+class Opaque(morphir.Morphism):
+    name = "opaque"
+
+    def sites(self, graph):
+        yield morphir.Site(graph.groups[1].name, 0)
+
+    def theta_shape(self, graph, site):
+        return torch.Size([1])
+
+    def rewrite(self, rw, items):
+        return False
+
+
+def test_every_registered_morphism_scores_or_says_why_not() -> None:
+    graph, batches = regression_net()
+    for name in morphir.morphisms():
+        cands = morphir.score(graph, batches, F.mse_loss, morphisms=(name,))
+        assert cands and all(isinstance(c.estimate, float) for c in cands)
+    reg = morphir.default_registry().register(Opaque())
+    with pytest.raises(morphir.MorphismError, match="'opaque' does not define local_change"):
+        morphir.score(graph, batches, F.mse_loss, morphisms=("opaque",), registry=reg)
+
+
+def test_nan_loss_is_reported() -> None:
+    graph, _ = regression_net()
+    x = torch.full((4, 4), float("nan"))
+    with pytest.raises(morphir.MorphirError, match="NaN"):
+        morphir.score(graph, [(x, torch.zeros(4, 1))], F.mse_loss)
