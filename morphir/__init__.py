@@ -38,6 +38,7 @@ from morphir.rewrite import ChannelCopy, Rewriter
 from morphir.scoring import (
     ScoreConfig,
     ScoreContext,
+    Scorer,
     dot_at_consumers,
     exact_delta_loss,
     exact_delta_losses,
@@ -72,6 +73,7 @@ __all__ = [
     "Rewriter",
     "ScoreConfig",
     "ScoreContext",
+    "Scorer",
     "RuleContext",
     "Segment",
     "Site",

@@ -122,6 +122,14 @@ class Rewriter:
             raise MorphismError(f"{origin}: nothing to insert after {node!r}")
         self._inserts.append(_Insert(node, tuple(modules), residual, origin))
 
+    def folds_exactly(self, group: str, channel: int) -> bool:
+        """Whether removing ``channel`` of ``group`` would fold its constant into every consumer exactly,
+        i.e. the removal itself changes nothing once the channel's incoming weights are zero."""
+        grp = self.graph.group(group)
+        plan = _Plan(grp.width, torch.arange(grp.width), torch.ones(grp.width), [], [channel])
+        corrections = _folded_biases(self.graph, self.graph.analysis, {group: plan})
+        return all(c.module in corrections for c in grp.consumers)
+
     @property
     def empty(self) -> bool:
         """True when nothing has been recorded."""
@@ -309,7 +317,7 @@ def _folded_biases(graph, an: ChannelAnalysis, plans: Mapping[str, _Plan]) -> di
         for m in consumers
     ]
     try:
-        graph.run_probe()
+        graph.run_probe(graph.probe_inputs)  # explicit inputs: never the cached output, the hooks must fire
     finally:
         for h in hooks:
             h.remove()

@@ -36,6 +36,7 @@ __all__ = [
     "ScoreContext",
     "ScoreConfig",
     "score",
+    "Scorer",
     "propagate",
     "dot_at_consumers",
     "gn_estimate",
@@ -145,11 +146,20 @@ def _batches(batches: Batches) -> Iterable[tuple[Any, Any]]:
 
 
 def per_sample_losses(loss_fn: LossFn, output: torch.Tensor, target: Any) -> torch.Tensor:
-    """Per-sample losses from a mean-reduced ``loss_fn``, by calling it on each sample.
+    """Per-sample losses from a mean-reduced ``loss_fn``.
+
+    Uses ``loss_fn(output, target, reduction="none")`` when the function takes it (torch's losses
+    do), averaged over each sample's elements; otherwise calls it on each sample (vmap).
 
     >>> per_sample_losses(F.cross_entropy, logits, y).shape
     torch.Size([64])
     """
+    try:
+        losses = loss_fn(output, target, reduction="none")
+        if isinstance(losses, torch.Tensor) and losses.dim() >= 1 and losses.shape[0] == output.shape[0]:
+            return losses.reshape(losses.shape[0], -1).mean(dim=1)
+    except TypeError:
+        pass
     try:
         from torch.func import vmap
 
@@ -253,6 +263,97 @@ def _project(theta: torch.Tensor, radius: torch.Tensor) -> None:
         theta.mul_(factor.view(-1, *([1] * (theta.dim() - 1))))
 
 
+class Scorer:
+    """The scoring pass one batch at a time: ``step(x, y)`` per batch, then ``finish()``.
+
+    :func:`score` is this loop over batches; use a Scorer to interleave scoring with other work.
+    ``only`` restricts scoring to those candidates (default: every candidate of ``morphisms``).
+
+    >>> scorer = Scorer(g, F.cross_entropy, ("split",))
+    >>> for x, y in loader: scorer.step(x, y)
+    >>> cands = scorer.finish()
+    """
+
+    def __init__(
+        self,
+        graph: MorphGraph,
+        loss_fn: LossFn,
+        morphisms: Sequence[str | Morphism] = ("split", "prune"),
+        *,
+        config: ScoreConfig | None = None,
+        registry: Registry | None = None,
+        only: Iterable[Candidate] | None = None,
+    ):
+        self.graph, self.loss_fn = graph, loss_fn
+        self.cfg = config or ScoreConfig()
+        reg = registry or default_registry()
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        keep = None if only is None else set(only)
+        self.plans: list[tuple[Morphism, list[Candidate], torch.Tensor, torch.Tensor]] = []
+        self.alias_calls: set[str] = set()
+        self.grad_nodes: set[str] = set()
+        for spec in morphisms:
+            m = reg.get(spec)
+            by_key: dict[Any, list[Candidate]] = defaultdict(list)
+            for c in m.candidates(graph):
+                if keep is None or c in keep:
+                    by_key[m.batch_key(graph, c.site)].append(c)
+            for group in by_key.values():
+                sites = [c.site for c in group]
+                try:
+                    theta = m.init_theta(graph, sites, self.cfg.trust, gen)
+                except NotImplementedError as exc:
+                    raise MorphismError(f"morphism {m.name!r} cannot be scored: {exc}") from exc
+                self.plans.append((m, group, theta, m.trust_radius(graph, sites, self.cfg.trust)))
+                self.alias_calls |= set(m.alias_calls(graph, sites))
+                self.grad_nodes |= set(m.grad_nodes(graph, sites))
+        learnable = [p[2].requires_grad_() for p in self.plans if p[0].learnable]
+        self.opt = torch.optim.Adam(learnable, lr=self.cfg.lr) if learnable else None
+        self.ema: list[torch.Tensor | None] = [None] * len(self.plans)
+        self.steps = 0
+
+    def step(self, x: Any, y: Any) -> None:
+        """One forward/backward of the network, the estimates of every candidate, one Adam step on θ."""
+        ctx = capture(self.graph, x, y, self.loss_fn, grad_nodes=self.grad_nodes, alias_calls=self.alias_calls)
+        total = torch.zeros(())
+        for i, (m, group, theta, _) in enumerate(self.plans):
+            try:
+                s = m.local_change(ctx, [c.site for c in group], theta)
+            except NotImplementedError as exc:
+                raise MorphismError(f"morphism {m.name!r} cannot be scored: {exc}") from exc
+            est = gn_estimate(s, ctx.losses, per_sample=self.cfg.per_sample)
+            e = est.detach()
+            self.ema[i] = e if self.ema[i] is None else self.cfg.ema * self.ema[i] + (1 - self.cfg.ema) * e
+            if m.learnable:
+                total = total + est.sum()
+        if self.opt is not None:
+            self.opt.zero_grad()
+            total.backward()
+            self.opt.step()
+            for m, _, theta, radius in self.plans:
+                if m.learnable:
+                    _project(theta, radius)
+        self.steps += 1
+
+    def finish(self) -> list[Candidate]:
+        """Attach θ and the estimate to every candidate and to its nodes' metadata; return them."""
+        if self.steps == 0:
+            raise MorphirError("score got no batches; pass a non-empty iterable of (x, y)")
+        out: list[Candidate] = []
+        for i, (m, group, theta, _) in enumerate(self.plans):
+            for j, c in enumerate(group):
+                c.theta = theta[j].detach().clone()
+                c.estimate = float(self.ema[i][j])
+                out.append(c)
+                record = {"morphism": c.name, "site": str(c.site), "estimate": c.estimate,
+                          "delta_params": c.delta_params, "delta_flops": c.delta_flops}
+                for node in m.site_nodes(self.graph, c.site):
+                    existing = self.graph.node(node).meta.get(SCORE_KEY, [])
+                    self.graph.set_meta(node, SCORE_KEY, [*existing, record])
+        log.info("scored %d candidates over %d batches", len(out), self.steps)
+        return out
+
+
 def score(
     graph: MorphGraph,
     batches: Batches,
@@ -272,69 +373,11 @@ def score(
 
     >>> cands = morphir.score(g, lambda: train_loader, F.cross_entropy, config=morphir.ScoreConfig(epochs=2))
     """
-    cfg = config or ScoreConfig()
-    reg = registry or default_registry()
-    gen = torch.Generator().manual_seed(cfg.seed)
-    plans: list[tuple[Morphism, list[Candidate], torch.Tensor, torch.Tensor]] = []
-    alias_calls: set[str] = set()
-    grad_nodes: set[str] = set()
-    for spec in morphisms:
-        m = reg.get(spec)
-        cands = m.candidates(graph)
-        by_key: dict[Any, list[Candidate]] = defaultdict(list)
-        for c in cands:
-            by_key[m.batch_key(graph, c.site)].append(c)
-        for group in by_key.values():
-            sites = [c.site for c in group]
-            try:
-                theta = m.init_theta(graph, sites, cfg.trust, gen)
-            except NotImplementedError as exc:
-                raise MorphismError(f"morphism {m.name!r} cannot be scored: {exc}") from exc
-            radius = m.trust_radius(graph, sites, cfg.trust)
-            plans.append((m, group, theta, radius))
-            alias_calls |= set(m.alias_calls(graph, sites))
-            grad_nodes |= set(m.grad_nodes(graph, sites))
-    learnable = [p[2].requires_grad_() for p in plans if p[0].learnable]
-    opt = torch.optim.Adam(learnable, lr=cfg.lr) if learnable else None
-    ema: list[torch.Tensor | None] = [None] * len(plans)
-    steps = 0
-    for _ in range(cfg.epochs):
+    scorer = Scorer(graph, loss_fn, morphisms, config=config, registry=registry)
+    for _ in range(scorer.cfg.epochs):
         for x, y in _batches(batches):
-            ctx = capture(graph, x, y, loss_fn, grad_nodes=grad_nodes, alias_calls=alias_calls)
-            total = torch.zeros(())
-            for i, (m, group, theta, _) in enumerate(plans):
-                try:
-                    s = m.local_change(ctx, [c.site for c in group], theta)
-                except NotImplementedError as exc:
-                    raise MorphismError(f"morphism {m.name!r} cannot be scored: {exc}") from exc
-                est = gn_estimate(s, ctx.losses, per_sample=cfg.per_sample)
-                e = est.detach()
-                ema[i] = e if ema[i] is None else cfg.ema * ema[i] + (1 - cfg.ema) * e
-                if m.learnable:
-                    total = total + est.sum()
-            if opt is not None:
-                opt.zero_grad()
-                total.backward()
-                opt.step()
-                for m, _, theta, radius in plans:
-                    if m.learnable:
-                        _project(theta, radius)
-            steps += 1
-    if steps == 0:
-        raise MorphirError("score got no batches; pass a non-empty iterable of (x, y)")
-    out: list[Candidate] = []
-    for i, (m, group, theta, _) in enumerate(plans):
-        for j, c in enumerate(group):
-            c.theta = theta[j].detach().clone()
-            c.estimate = float(ema[i][j])
-            out.append(c)
-            record = {"morphism": c.name, "site": str(c.site), "estimate": c.estimate,
-                      "delta_params": c.delta_params, "delta_flops": c.delta_flops}
-            for node in m.site_nodes(graph, c.site):
-                existing = graph.node(node).meta.get(SCORE_KEY, [])
-                graph.set_meta(node, SCORE_KEY, [*existing, record])
-    log.info("scored %d candidates over %d batches", len(out), steps)
-    return out
+            scorer.step(x, y)
+    return scorer.finish()
 
 
 # -- the brute-force reference ------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 θ = 0 changes nothing; θ = w_in (the default) leaves the channel a constant, which is removed
 from every producer and consumer of its group and folded into the consumers' biases where that
-is exact. Any other θ shrinks the incoming weights and keeps the channel. A group is never
-pruned to zero channels.
+is exact. Any other θ shrinks the incoming weights and keeps the channel. A channel whose
+incoming weights are already zero is removed (at any θ) exactly when its constant folds exactly,
+since then removing it changes nothing. A group is never pruned to zero channels.
 
 >>> cands = morphir.candidates(g, "prune")
 >>> g2 = morphir.apply(g, cands[:1])          # one channel fewer
@@ -44,9 +45,16 @@ class Prune(Morphism):
     def rewrite(self, rw: Rewriter, items: Sequence[tuple[Site, torch.Tensor]]) -> bool:
         modified = False
         for site, theta in items:
+            w_in = rw.graph.incoming_weights(site.anchor, site.index)
+            if not bool(torch.any(w_in != 0)):
+                # θ = 0 and θ = w_in coincide: the channel is already a constant. Remove it when that
+                # constant folds exactly, which changes nothing, so both readings hold.
+                if rw.folds_exactly(site.anchor, site.index):
+                    rw.remove(site.anchor, site.index, origin=f"prune@{site}")
+                    modified = True
+                continue
             if not bool(torch.any(theta != 0)):
                 continue
-            w_in = rw.graph.incoming_weights(site.anchor, site.index)
             if torch.equal(theta.to(w_in), w_in):
                 rw.remove(site.anchor, site.index, origin=f"prune@{site}")
             else:
@@ -70,10 +78,32 @@ class Prune(Morphism):
     def local_change(self, ctx: ScoreContext, sites: Sequence[Site], theta: torch.Tensor) -> torch.Tensor:
         group = sites[0].anchor
         grp = ctx.graph.group(group)
-        change = producer_change(ctx, group, stack_theta(ctx.graph, group, sites, theta))
-        pruned = propagate(ctx, grp, {n: ctx.value(n) - d for n, d in change.items()})
+        with torch.no_grad():  # θ is fixed: nothing to differentiate
+            if torch.equal(theta, incoming_stack(ctx.graph, sites)):
+                start = self._bias_only(ctx, grp, [s.index for s in sites])  # w_in − θ = 0: only the bias is left
+            else:
+                change = producer_change(ctx, group, stack_theta(ctx.graph, group, sites, theta))
+                start = {n: ctx.value(n) - d for n, d in change.items()}
+            pruned = propagate(ctx, grp, start)
 
-        def delta(node: str) -> torch.Tensor | None:
-            return pruned[node] - ctx.value(node) if node in pruned else None
+            def delta(node: str) -> torch.Tensor | None:
+                return pruned[node] - ctx.value(node) if node in pruned else None
 
-        return dot_at_consumers(ctx, grp, delta)[[s.index for s in sites]]
+            return dot_at_consumers(ctx, grp, delta)[[s.index for s in sites]]
+
+    @staticmethod
+    def _bias_only(ctx: ScoreContext, grp, channels: list[int]) -> dict[str, torch.Tensor]:
+        """Each producer's output with the pruned channels replaced by their bias (zero without one)."""
+        out = {}
+        for prod in grp.producers:
+            value = ctx.value(prod.node)
+            layout = ctx.graph.layout(prod.node)
+            bias = ctx.graph.submodule(prod.module).bias
+            shape = [1] * value.dim()
+            shape[layout.axis] = -1
+            mask = torch.zeros(grp.width, dtype=value.dtype)
+            mask[channels] = 1
+            mask = mask.view(shape)
+            const = bias.detach().view(shape) if bias is not None else torch.zeros_like(mask)
+            out[prod.node] = value * (1 - mask) + const * mask
+        return out
