@@ -2,6 +2,7 @@
 
     morphir inspect zoo:vgg19 --input-shape 1,3,32,32 [--json]
     morphir inspect model.pt --input-shape 1,3,32,32 [--allow-pickle]
+    morphir score zoo:vgg19 --data digits [--epochs 3] [--exact] [--json] [--plot s.png]
 
 Errors go to stderr as ``morphir: error: ...`` with exit status 1 (2 for bad arguments).
 """
@@ -53,6 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow classes other than torch.nn's when loading MODEL (runs code from the file)")
     p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("score", help="train briefly, then estimate every candidate's loss change (Gauss-Newton)")
+    p.add_argument("model", help="zoo:NAME or a file written by torch.save(module)")
+    p.add_argument("--data", default="digits", choices=["digits"], help="data set (default: digits)")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs before scoring (default 3)")
+    p.add_argument("--batches", type=int, default=8, help="batches of --batch-size to score on (default 8)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--morphisms", default="split,prune", help="comma-separated morphisms to score (default split,prune)")
+    p.add_argument("--exact", action="store_true", help="also measure each candidate's exact ΔL, and Spearman per group")
+    p.add_argument("--plot", metavar="FILE.png", help="plot estimated against exact ΔL per group (needs --exact)")
+    p.add_argument("--top", type=int, default=20, help="rows of the table (default 20; --json lists all)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allow-pickle", action="store_true", help="see `morphir inspect --help`")
+    p.set_defaults(func=_score)
     return parser
 
 
@@ -129,6 +145,100 @@ def _inspect(args: argparse.Namespace) -> int:
     report = inspect_report(graph, args.model)
     print(json.dumps(report, indent=2) if args.json else _table(report))
     return 0
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    ra = torch.tensor(a).argsort().argsort().double()
+    rb = torch.tensor(b).argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-12))
+
+
+def _score(args: argparse.Namespace) -> int:
+    import torch.nn.functional as F
+
+    from morphir.data import digits_loaders
+    from morphir.scoring import ScoreConfig, exact_delta_losses, score
+    from morphir.train import evaluate, fit
+
+    if args.plot and not args.exact:
+        raise MorphirError("--plot draws estimated against exact ΔL: add --exact")
+    if args.epochs < 0 or args.batches < 1:
+        raise MorphirError("--epochs must be >= 0 and --batches >= 1")
+    torch.manual_seed(args.seed)
+    train, val = digits_loaders(seed=args.seed, batch_size=args.batch_size)
+    x0 = next(iter(train))[0]
+    graph = load_graph(args.model, (1, *x0.shape[1:]), 10, args.allow_pickle)
+    if args.epochs:
+        fit(graph.module, train, F.cross_entropy, epochs=args.epochs)
+    val_loss, val_acc = evaluate(graph.module, val, F.cross_entropy)
+    batches = [b for _, b in zip(range(args.batches), train)]
+    names = [m.strip() for m in args.morphisms.split(",") if m.strip()]
+    cands = score(graph, batches, F.cross_entropy, names, config=ScoreConfig(seed=args.seed))
+    exact = exact_delta_losses(graph, cands, batches, F.cross_entropy) if args.exact else [None] * len(cands)
+    rows = [
+        {"morphism": c.name, "site": str(c.site), "group": c.site.anchor, "estimate": c.estimate,
+         "exact": e, "delta_params": c.delta_params, "delta_flops": c.delta_flops}
+        for c, e in zip(cands, exact)
+    ]
+    spearman = {}
+    if args.exact:
+        for key in dict.fromkeys((r["morphism"], r["group"]) for r in rows):
+            sel = [r for r in rows if (r["morphism"], r["group"]) == key]
+            if len(sel) > 2:
+                spearman[f"{key[0]}@{key[1]}"] = _spearman([r["estimate"] for r in sel], [r["exact"] for r in sel])
+    report = {"model": args.model, "val_loss": val_loss, "val_accuracy": val_acc, "candidates": rows,
+              "spearman": spearman}
+    if args.plot:
+        _plot(rows, spearman, args.plot)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{args.model}: val loss {val_loss:.4f}, val accuracy {val_acc:.3f}; {len(rows)} candidates scored "
+          f"on {len(batches)} batches")
+    print(f"{'morphism':9} {'site':28} {'estimate':>10} " + (f"{'exact':>10} " if args.exact else "") + f"{'Δparams':>8}")
+    for r in sorted(rows, key=lambda r: r["estimate"])[: args.top]:
+        exact_text = f"{r['exact']:10.5f} " if args.exact else ""
+        print(f"{r['morphism']:9} {r['site']:28} {r['estimate']:10.5f} {exact_text}{r['delta_params']:+8d}")
+    if spearman:
+        print("spearman (estimate vs exact) per group: " + ", ".join(f"{k} {v:.3f}" for k, v in spearman.items()))
+    if args.plot:
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def _plot(rows: list[dict[str, Any]], spearman: dict[str, float], path: str) -> None:
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(dict.fromkeys(f"{r['morphism']}@{r['group']}" for r in rows))
+    cols = min(4, len(keys))
+    fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, figsize=(3.2 * cols, 3.0 * math.ceil(len(keys) / cols)),
+                             squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        sel = [r for r in rows if f"{r['morphism']}@{r['group']}" == key]
+        est, ex = [r["estimate"] for r in sel], [r["exact"] for r in sel]
+        ax.scatter(ex, est, s=10)
+        lo, hi = min(est + ex), max(est + ex)
+        ax.plot([lo, hi], [lo, hi], lw=0.8, color="grey")
+        title = key if key not in spearman else f"{key}\nSpearman {spearman[key]:.2f}"
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("exact ΔL", fontsize=8)
+        ax.set_ylabel("estimated ΔL", fontsize=8)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as exc:
+        raise MorphirError(f"cannot write the plot to {path}: {exc}") from exc
+    finally:
+        plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

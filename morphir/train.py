@@ -50,7 +50,7 @@ def fit(
                                    "lower the learning rate or check the data")
             loss.backward()
             opt.step()
-            total += float(loss) * len(y)
+            total += loss.item() * len(y)
             count += len(y)
         history.append(total / max(count, 1))
         log.info("epoch %d: train loss %.4f", epoch + 1, history[-1])

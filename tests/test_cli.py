@@ -72,3 +72,36 @@ def test_console_script_runs() -> None:
     bad = subprocess.run([sys.executable, "-m", "morphir.cli", "inspect", "zoo:vgg19", "--input-shape", "a,b"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "not a shape" in bad.stderr
+
+
+def small_model_file(tmp_path) -> str:
+    torch.manual_seed(0)
+    path = tmp_path / "small.pt"
+    torch.save(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 10)), path)
+    return str(path)
+
+
+def test_score_json_with_exact_and_plot(tmp_path, capsys) -> None:
+    plot = tmp_path / "s.png"
+    code = main(["score", small_model_file(tmp_path), "--data", "digits", "--epochs", "1", "--batches", "2",
+                 "--exact", "--json", "--plot", str(plot)])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = report["candidates"]
+    assert sorted({r["morphism"] for r in rows}) == ["prune", "split"] and len(rows) == 8
+    assert all(isinstance(r["estimate"], float) and isinstance(r["exact"], float) for r in rows)
+    assert set(report["spearman"]) == {"split@0", "prune@0"}
+    assert all(-1.0 <= v <= 1.0 for v in report["spearman"].values())
+    assert 0.0 <= report["val_accuracy"] <= 1.0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_score_table_and_argument_errors(tmp_path, capsys) -> None:
+    model = small_model_file(tmp_path)
+    assert main(["score", model, "--epochs", "0", "--batches", "1", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "8 candidates scored on 1 batches" in out and len(out.strip().splitlines()) == 2 + 3
+    assert main(["score", model, "--plot", str(tmp_path / "p.png")]) == 1
+    assert "--exact" in capsys.readouterr().err
+    assert main(["score", "zoo:vgg19", "--morphisms", "nope", "--epochs", "0", "--batches", "1"]) == 1
+    assert "unknown morphism 'nope'" in capsys.readouterr().err
