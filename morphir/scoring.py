@@ -90,6 +90,7 @@ class ScoreContext:
         self.input_grads = input_grads
         self.losses = losses
         self._nodes = {n.name: n for n in graph.module.graph.nodes}
+        self._modules: dict[str, torch.nn.Module] = {}
 
     def node(self, name: str) -> fx.Node:
         """The fx node called ``name``."""
@@ -109,13 +110,28 @@ class ScoreContext:
         """Per-sample gradient at the first input of the call ``call``, through that call only."""
         return self.input_grads[call]
 
-    def run_node(self, name: str, replace: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Re-run node ``name`` with the outputs of some of its input nodes replaced."""
+    def run_node(self, name: str, replace: Mapping[str, torch.Tensor], *, repeat: int = 1) -> torch.Tensor:
+        """Re-run node ``name`` with the outputs of some of its input nodes replaced.
+
+        ``repeat``: the replacements hold that many variants stacked along the batch; the other
+        tensor inputs with a batch dimension are repeated to match.
+        """
         node = self._nodes[name]
-        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: replace.get(n.name, self.values[n.name]))
-        gm = self.graph.module
+        batch = self.losses.shape[0]
+
+        def fetch(n: fx.Node) -> Any:
+            if n.name in replace:
+                return replace[n.name]
+            value = self.values[n.name]
+            if repeat > 1 and isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+                return value.repeat(repeat, *([1] * (value.dim() - 1)))
+            return value
+
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), fetch)
         if node.op == "call_module":
-            return gm.get_submodule(node.target)(*args, **kwargs)
+            if node.target not in self._modules:
+                self._modules[node.target] = self.graph.module.get_submodule(node.target)
+            return self._modules[node.target](*args, **kwargs)
         if node.op == "call_function":
             return node.target(*args, **kwargs)
         if node.op == "call_method":
@@ -205,21 +221,29 @@ def capture(graph: MorphGraph, x: Any, y: Any, loss_fn: LossFn, *, grad_nodes: I
 
 
 # -- helpers for channel morphisms ---------------------------------------------------------------------
-def propagate(ctx: ScoreContext, group: ChannelGroup, start: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def propagate(
+    ctx: ScoreContext, group: ChannelGroup, start: Mapping[str, torch.Tensor], *, stacked: int = 1
+) -> dict[str, torch.Tensor] | None:
     """Carry replaced producer outputs through the group's pass-through nodes (BN, activations,
     adds, concats, pooling, flatten), returning the value every carrier node would take.
 
     Ops on a group's channels act channel by channel, so one tensor can hold a different variant
-    of every channel at once: all channels of a layer are handled in one call.
+    of every channel at once: all channels of a layer are handled in one call. With ``stacked=k``
+    the start values hold k variants stacked along the batch; the other inputs are repeated to
+    match, and None is returned if some op does not keep the stacked batch (then run them apart).
     """
     vals = dict(start)
+    batch = ctx.losses.shape[0]
     for name in group.nodes:
         if name in vals:
             continue
         node = ctx.node(name)
         inputs = [a.name for a in node.all_input_nodes if a.name in vals]
         if inputs:
-            vals[name] = ctx.run_node(name, {i: vals[i] for i in inputs})
+            out = ctx.run_node(name, {i: vals[i] for i in inputs}, repeat=stacked)
+            if stacked > 1 and (not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != stacked * batch):
+                return None
+            vals[name] = out
     return vals
 
 

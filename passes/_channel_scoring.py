@@ -17,8 +17,12 @@ __all__ = ["incoming_stack", "producer_change", "stack_theta", "consumer_calls"]
 
 
 def incoming_stack(graph: MorphGraph, sites: Sequence[Site]) -> torch.Tensor:
-    """The incoming weights of each site's channel, one flat row per site."""
-    return torch.stack([graph.incoming_weights(s.anchor, s.index) for s in sites])
+    """The incoming weights of each site's channel (all in one group), one flat row per site."""
+    group = sites[0].anchor
+    index = torch.tensor([s.index for s in sites])
+    rows = [graph.submodule(p.module).weight.detach()[index].reshape(len(sites), -1)
+            for p in graph.group(group).producers]
+    return torch.cat(rows, dim=1)
 
 
 def stack_theta(graph: MorphGraph, group: str, sites: Sequence[Site], theta: torch.Tensor) -> torch.Tensor:

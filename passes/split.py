@@ -65,8 +65,16 @@ class Split(Morphism):
         group = sites[0].anchor
         grp = ctx.graph.group(group)
         change = producer_change(ctx, group, stack_theta(ctx.graph, group, sites, theta))
-        plus = propagate(ctx, grp, {n: ctx.value(n) + d for n, d in change.items()})
-        minus = propagate(ctx, grp, {n: ctx.value(n) - d for n, d in change.items()})
+        # both copies in one pass: stacked along the batch (falls back to two passes if an op
+        # in the chain does not keep the batch, e.g. a view with the batch size written in)
+        both = propagate(ctx, grp, {n: torch.cat([ctx.value(n) + d, ctx.value(n) - d]) for n, d in change.items()},
+                         stacked=2)
+        if both is None:
+            plus = propagate(ctx, grp, {n: ctx.value(n) + d for n, d in change.items()})
+            minus = propagate(ctx, grp, {n: ctx.value(n) - d for n, d in change.items()})
+        else:
+            plus = {k: v.chunk(2)[0] for k, v in both.items()}
+            minus = {k: v.chunk(2)[1] for k, v in both.items()}
 
         def delta(node: str) -> torch.Tensor | None:
             return (plus[node] + minus[node]) / 2 - ctx.value(node) if node in plus else None
