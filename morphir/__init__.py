@@ -45,6 +45,7 @@ from morphir.scoring import (
     gn_estimate,
     propagate,
     score,
+    spearman,
 )
 
 __version__ = "0.1.0"
@@ -97,6 +98,7 @@ __all__ = [
     "resolve_model",
     "rewrite",
     "score",
+    "spearman",
     "trace",
     "zoo",
 ]

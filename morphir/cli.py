@@ -147,18 +147,11 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _spearman(a: list[float], b: list[float]) -> float:
-    ra = torch.tensor(a).argsort().argsort().double()
-    rb = torch.tensor(b).argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-12))
-
-
 def _score(args: argparse.Namespace) -> int:
     import torch.nn.functional as F
 
     from morphir.data import digits_loaders
-    from morphir.scoring import ScoreConfig, exact_delta_losses, score
+    from morphir.scoring import ScoreConfig, exact_delta_losses, score, spearman
     from morphir.train import evaluate, fit
 
     if args.plot and not args.exact:
@@ -181,16 +174,16 @@ def _score(args: argparse.Namespace) -> int:
          "exact": e, "delta_params": c.delta_params, "delta_flops": c.delta_flops}
         for c, e in zip(cands, exact)
     ]
-    spearman = {}
+    per_group = {}
     if args.exact:
         for key in dict.fromkeys((r["morphism"], r["group"]) for r in rows):
             sel = [r for r in rows if (r["morphism"], r["group"]) == key]
             if len(sel) > 2:
-                spearman[f"{key[0]}@{key[1]}"] = _spearman([r["estimate"] for r in sel], [r["exact"] for r in sel])
+                per_group[f"{key[0]}@{key[1]}"] = spearman([r["estimate"] for r in sel], [r["exact"] for r in sel])
     report = {"model": args.model, "val_loss": val_loss, "val_accuracy": val_acc, "candidates": rows,
-              "spearman": spearman}
+              "spearman": per_group}
     if args.plot:
-        _plot(rows, spearman, args.plot)
+        _plot(rows, per_group, args.plot)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -200,8 +193,8 @@ def _score(args: argparse.Namespace) -> int:
     for r in sorted(rows, key=lambda r: r["estimate"])[: args.top]:
         exact_text = f"{r['exact']:10.5f} " if args.exact else ""
         print(f"{r['morphism']:9} {r['site']:28} {r['estimate']:10.5f} {exact_text}{r['delta_params']:+8d}")
-    if spearman:
-        print("spearman (estimate vs exact) per group: " + ", ".join(f"{k} {v:.3f}" for k, v in spearman.items()))
+    if per_group:
+        print("spearman (estimate vs exact) per group: " + ", ".join(f"{k} {v:.3f}" for k, v in per_group.items()))
     if args.plot:
         print(f"plot written to {args.plot}")
     return 0

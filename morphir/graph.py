@@ -13,7 +13,6 @@ import copy
 import logging
 import os
 import traceback
-import zlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -351,7 +350,3 @@ def _explain_trace_failure(model: torch.nn.Module, exc: BaseException) -> str:
         "leaf_policy=...), or fix the Python-valued arguments with concrete_args={...}."
     )
 
-
-def stable_seed(text: str) -> int:
-    """A deterministic 31-bit seed from a string (for reproducible initialisation of new layers)."""
-    return zlib.crc32(text.encode()) & 0x7FFFFFFF

@@ -40,6 +40,7 @@ __all__ = [
     "propagate",
     "dot_at_consumers",
     "gn_estimate",
+    "spearman",
     "exact_delta_loss",
     "exact_delta_losses",
 ]
@@ -270,6 +271,18 @@ def dot_at_consumers(ctx: ScoreContext, group: ChannelGroup, delta: Callable[[st
     if total is None:
         return torch.zeros(group.width, ctx.losses.shape[0])
     return total
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation of two equally long sequences (ties broken by order).
+
+    >>> spearman([0.1, 0.3, 0.2], [1.0, 3.0, 2.5])
+    1.0
+    """
+    ra = torch.tensor(list(a)).argsort().argsort().double()
+    rb = torch.tensor(list(b)).argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-12))
 
 
 def gn_estimate(s: torch.Tensor, losses: torch.Tensor, *, per_sample: bool) -> torch.Tensor:

@@ -24,17 +24,10 @@ import torch.nn.functional as F
 
 import morphir
 from morphir.data import digits_loaders
+from morphir.scoring import spearman
 from morphir.train import evaluate, fit
 
 MODELS = ("vgg19", "resnet20")
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman rank correlation (Pearson correlation of ranks; ties broken by order)."""
-    ra = torch.tensor(a).argsort().argsort().double()
-    rb = torch.tensor(b).argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-12))
 
 
 def measure(model_name: str, args: argparse.Namespace, per_sample: bool, trained: dict) -> list[dict]:
