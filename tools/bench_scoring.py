@@ -7,7 +7,8 @@ On the `vgg19` zoo seed (digits, batch 64), measured side by side in one run:
 (b) the speedup of GN scoring over measuring the same candidates exactly with
     `exact_delta_losses` on the same batches (one expanded network per candidate), at 64, 256 and
     all candidates: with all candidates it must be ≥ 50×;
-(c) the peak memory a scoring step adds, relative to a training step (each in a fresh process).
+(c) the peak memory a scoring step adds, relative to a training step (each in a fresh process,
+    with glibc returning freed memory at once so the resident high-water mark follows live tensors).
 
     python tools/bench_scoring.py [--repeats 7] [--batches 2]
 """
@@ -15,8 +16,10 @@ On the `vgg19` zoo seed (digits, batch 64), measured side by side in one run:
 from __future__ import annotations
 
 import argparse
+import gc
+import os
 import random
-import resource
+import re
 import statistics
 import subprocess
 import sys
@@ -45,18 +48,32 @@ def train_step(model, opt, x, y) -> None:
     opt.step()
 
 
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{key}:\s+(\d+) kB", f.read()).group(1))
+
+
 def peak_kib(kind: str) -> int:
-    """Peak resident memory (KiB) one first step of ``kind`` adds, in a fresh process."""
+    """Peak resident memory (KiB) that one step of ``kind`` adds above the memory before it.
+
+    Run in a fresh process whose glibc serves allocations with mmap (MALLOC_MMAP_THRESHOLD_), so
+    freed tensors leave the resident set at once and its high-water mark (VmHWM, reset through
+    /proc/self/clear_refs) follows the live memory. One warm-up step of each kind runs first.
+    """
     model, graph, batches = setup()
-    x, y = batches[0]
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    scorer = morphir.Scorer(graph, F.cross_entropy, ("split", "prune")) if kind == "score" else None
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if scorer is None:
-        train_step(model, opt, x, y)
+    scorer = morphir.Scorer(graph, F.cross_entropy, ("split", "prune"))
+    train_step(model, opt, *batches[0])
+    scorer.step(*batches[0])
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident set size
+    before = _status_kib("VmRSS")
+    if kind == "train":
+        train_step(model, opt, *batches[1])
     else:
-        scorer.step(x, y)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        scorer.step(*batches[1])
+    return _status_kib("VmHWM") - before
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,13 +124,18 @@ def main(argv: list[str] | None = None) -> int:
         speedups[k] = (t2 - t1) / (t1 - t0)
         print(f"    {k:4d} candidates: GN {t1 - t0:.2f} s, exact {t2 - t1:.2f} s, speedup {speedups[k]:.0f}x")
 
-    peaks = {}
-    for kind in ("train", "score"):
-        done = subprocess.run([sys.executable, __file__, "--peak", kind], capture_output=True, text=True, check=True)
-        peaks[kind] = int(done.stdout.strip().splitlines()[-1])
-    mem_ratio = peaks["score"] / max(peaks["train"], 1)
-    print(f"(c) extra peak memory of a step: training {peaks['train'] / 1024:.1f} MiB, "
-          f"scoring {peaks['score'] / 1024:.1f} MiB (ratio {mem_ratio:.1f})")
+    if os.path.exists("/proc/self/clear_refs"):
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "4096", "MALLOC_TRIM_THRESHOLD_": "0"}
+        peaks = {}
+        for kind in ("train", "score"):
+            done = subprocess.run([sys.executable, __file__, "--peak", kind], capture_output=True, text=True,
+                                  check=True, env=env)
+            peaks[kind] = int(done.stdout.strip().splitlines()[-1])
+        mem_ratio = peaks["score"] / max(peaks["train"], 1)
+        print(f"(c) peak memory a step adds: training {peaks['train'] / 1024:.1f} MiB, "
+              f"scoring {peaks['score'] / 1024:.1f} MiB (ratio {mem_ratio:.1f})")
+    else:
+        print("(c) peak memory: n/a (needs Linux /proc/self/clear_refs)")
 
     failures = []
     if ratio > 2.5:
