@@ -341,7 +341,7 @@ class RuleContext:
         if module_name not in self.module_io:
             self.module_io[module_name] = (self.layout(src), self.layout(node))
         else:
-            prev_in, prev_out = self.module_io[module_name]
+            prev_out = self.module_io[module_name][1]
             out = self.layout(node)
             if prev_out is not None and out is not None and prev_out is not out:
                 self.merge(prev_out, out, f"module {module_name} is called more than once")

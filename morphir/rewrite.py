@@ -165,25 +165,24 @@ class Rewriter:
             src: list[int] = []
             scale: list[float] = []
             deltas: list[tuple[int, Mapping[str, torch.Tensor]]] = []
-            extra: list[tuple[int, ChannelCopy]] = []
             removed: list[int] = []
+
+            def add(c: int, cp: ChannelCopy) -> None:
+                if cp.delta:
+                    deltas.append((len(src), cp.delta))
+                src.append(c)
+                scale.append(cp.scale)
+
+            extra: list[tuple[int, ChannelCopy]] = []
             for c in range(grp.width):
                 copies = edits.get(c, _KEEP)
                 if not copies:
                     removed.append(c)
                     continue
+                add(c, copies[0])  # the first copy keeps the channel's index
                 extra.extend((c, cp) for cp in copies[1:])
-                copies = copies[:1]
-                for cp in copies:
-                    if cp.delta:
-                        deltas.append((len(src), cp.delta))
-                    src.append(c)
-                    scale.append(cp.scale)
-            for c, cp in extra:
-                if cp.delta:
-                    deltas.append((len(src), cp.delta))
-                src.append(c)
-                scale.append(cp.scale)
+            for c, cp in extra:  # further copies are appended after the old channels
+                add(c, cp)
             if not src:
                 raise MorphismError(
                     f"{origins[group]}: the rewrite would remove every channel of group {group!r}; keep at least one"

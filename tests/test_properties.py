@@ -537,6 +537,28 @@ def test_prune_every_channel_raises():
         morphir.apply(g, cands)
 
 
+def draw_prunes(g: morphir.MorphGraph, data) -> list:
+    """Up to 5 prune candidates, leaving at least one channel in every group."""
+    cands = morphir.candidates(g, "prune")
+    assume(cands)
+    per: dict[str, list] = {}
+    for c in data.draw(st.lists(st.sampled_from(cands), min_size=1, max_size=5, unique_by=lambda c: c.site)):
+        per.setdefault(c.site.anchor, []).append(c)
+    chosen = [c for name, cs in per.items() for c in cs[: g.group(name).width - 1]]
+    assume(chosen)
+    return chosen
+
+
+def zero_incoming(g: morphir.MorphGraph, chosen: list) -> morphir.MorphGraph:
+    """A copy of ``g`` with the incoming weights of the chosen channels set to zero."""
+    zeroed = g.copy()
+    with torch.no_grad():
+        for c in chosen:
+            for p in g.group(c.site.anchor).producers:
+                zeroed.submodule(p.module).weight[c.site.index] = 0
+    return zeroed
+
+
 # -- 4b. prune folds the removed channel's constant exactly ------------------------------------------
 @settings(max_examples=n(30), **SETTINGS)
 @given(net_specs(kernels=(1,)), st.data())
@@ -546,19 +568,8 @@ def test_prune_equals_zeroing_incoming_weights_with_1x1_kernels(spec, data):
     constant position-dependent) the fold is always possible, so the pruned net must compute
     exactly what the net with those weights zeroed computes."""
     _, g = build(spec)
-    cands = morphir.candidates(g, "prune")
-    assume(cands)
-    per: dict[str, list] = {}
-    for c in data.draw(st.lists(st.sampled_from(cands), min_size=1, max_size=5, unique_by=lambda c: c.site)):
-        per.setdefault(c.site.anchor, []).append(c)
-    chosen = [c for name, cs in per.items() for c in cs[: g.group(name).width - 1]]
-    assume(chosen)
-
-    zeroed = g.copy()
-    with torch.no_grad():
-        for c in chosen:
-            for p in g.group(c.site.anchor).producers:
-                zeroed.submodule(p.module).weight[c.site.index] = 0
+    chosen = draw_prunes(g, data)
+    zeroed = zero_incoming(g, chosen)
     g2 = morphir.apply(g, chosen)
     err, tol = morphir.output_mismatch(zeroed, g2)
     assert err <= tol, f"pruned net differs from the zeroed one by {err:.3g} (tolerance {tol:.3g})"
@@ -572,18 +583,8 @@ def test_prune_of_constant_channels_removes_them_exactly(spec, data):
     its constant folds into every consumer's bias, and keeps it otherwise, so the function never
     changes; with 1x1 kernels most of them fold."""
     _, g = build(spec)
-    cands = morphir.candidates(g, "prune")
-    assume(cands)
-    per: dict[str, list] = {}
-    for c in data.draw(st.lists(st.sampled_from(cands), min_size=1, max_size=5, unique_by=lambda c: c.site)):
-        per.setdefault(c.site.anchor, []).append(c)
-    chosen = [c for name, cs in per.items() for c in cs[: g.group(name).width - 1]]
-    assume(chosen)
-    zeroed = g.copy()
-    with torch.no_grad():
-        for c in chosen:
-            for p in g.group(c.site.anchor).producers:
-                zeroed.submodule(p.module).weight[c.site.index] = 0
+    chosen = draw_prunes(g, data)
+    zeroed = zero_incoming(g, chosen)
     sites = {c.site for c in chosen}
     g2 = morphir.apply(zeroed, [c for c in morphir.candidates(zeroed, "prune") if c.site in sites])
     for k, w in widths(g).items():
