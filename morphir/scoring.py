@@ -17,9 +17,10 @@ with the weights frozen, kept in a trust region, and the estimate is averaged ov
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,8 @@ __all__ = [
     "ScoreConfig",
     "score",
     "Scorer",
+    "Capturer",
+    "capture",
     "propagate",
     "dot_at_consumers",
     "gn_estimate",
@@ -81,17 +84,32 @@ class ScoreContext:
     ``value(node)``: the node's output; ``grad(node)``: ∂(Σₙ Lₙ)/∂ output (every user's share);
     ``input_grad(node)``: the gradient at the first input of the call ``node`` through that call
     only (what a consumer layer passes back); ``losses``: per-sample losses Lₙ.
+
+    ``memo`` is one dict for the whole scoring pass (the weights do not change during it): a
+    morphism may keep there what depends on the weights only (stacked incoming weights, folded
+    batch-norm scales), keyed by its own name. The network is in eval mode while morphisms run.
     """
 
     def __init__(self, graph: MorphGraph, values: dict[str, Any], grads: dict[str, torch.Tensor],
-                 input_grads: dict[str, torch.Tensor], losses: torch.Tensor):
+                 input_grads: dict[str, torch.Tensor], losses: torch.Tensor, *,
+                 memo: dict[Any, Any] | None = None):
         self.graph = graph
         self.values = values
         self.grads = grads
         self.input_grads = input_grads
         self.losses = losses
-        self._nodes = {n.name: n for n in graph.module.graph.nodes}
-        self._modules: dict[str, torch.nn.Module] = {}
+        self.memo: dict[Any, Any] = {} if memo is None else memo
+        if "morphir.nodes" not in self.memo:
+            self.memo["morphir.nodes"] = {n.name: n for n in graph.module.graph.nodes}
+            self.memo["morphir.modules"] = {}
+        self._nodes: dict[str, fx.Node] = self.memo["morphir.nodes"]
+        self._modules: dict[str, torch.nn.Module] = self.memo["morphir.modules"]
+
+    def module(self, target: str) -> torch.nn.Module:
+        """The submodule ``target`` (cached lookup)."""
+        if target not in self._modules:
+            self._modules[target] = self.graph.module.get_submodule(target)
+        return self._modules[target]
 
     def node(self, name: str) -> fx.Node:
         """The fx node called ``name``."""
@@ -130,9 +148,7 @@ class ScoreContext:
 
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), fetch)
         if node.op == "call_module":
-            if node.target not in self._modules:
-                self._modules[node.target] = self.graph.module.get_submodule(node.target)
-            return self._modules[node.target](*args, **kwargs)
+            return self.module(node.target)(*args, **kwargs)
         if node.op == "call_function":
             return node.target(*args, **kwargs)
         if node.op == "call_method":
@@ -140,26 +156,73 @@ class ScoreContext:
         raise MorphismError(f"cannot re-run node {name!r} ({node.op})")
 
 
-class _Capture(fx.Interpreter):
-    """Runs the graph recording every node's output; consumer calls read an alias of their input
-    so the gradient through that call alone can be taken."""
+class Capturer:
+    """A generated copy of the network's forward that returns every node's output, where each
+    consumer call in ``alias_calls`` reads an alias of its input, so the gradient through that
+    call alone can be taken. Built once per scoring pass (plain generated code, no interpreter).
 
-    def __init__(self, gm: fx.GraphModule, alias_calls: set[str]):
-        super().__init__(gm)
-        self.values: dict[str, Any] = {}
-        self.aliases: dict[str, torch.Tensor] = {}
-        self.alias_calls = alias_calls
+    >>> cap = Capturer(g, alias_calls=["features_1_0"])
+    >>> ctx = cap(x, y, F.cross_entropy)
+    """
 
-    def run_node(self, n: fx.Node) -> Any:
-        if n.name in self.alias_calls and n.args and isinstance(n.args[0], fx.Node):
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            alias = args[0].view_as(args[0])
-            self.aliases[n.name] = alias
-            out = getattr(self, n.op)(n.target, (alias, *args[1:]), kwargs)
-        else:
-            out = super().run_node(n)
-        self.values[n.name] = out
-        return out
+    def __init__(self, graph: MorphGraph, *, grad_nodes: Iterable[str] = (), alias_calls: Iterable[str] = ()):
+        self.graph = graph
+        self.grad_nodes = list(dict.fromkeys(grad_nodes))
+        alias_calls = set(alias_calls)
+        src = graph.module.graph
+        new = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        outputs: dict[str, fx.Node] = {}
+        aliases: dict[str, fx.Node] = {}
+        for n in src.nodes:
+            if n.op == "output":
+                continue
+            if n.name in alias_calls and n.args and isinstance(n.args[0], fx.Node):
+                first = env[n.args[0]]
+                alias = new.call_method("view_as", (first, first))
+                aliases[n.name] = alias
+                args = (alias, *fx.node.map_arg(n.args[1:], lambda a: env[a]))
+                kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
+                env[n] = new.create_node(n.op, n.target, args, kwargs, name=n.name)
+            else:
+                env[n] = new.node_copy(n, lambda a: env[a])
+            outputs[n.name] = env[n]
+        out_node = next(n for n in src.nodes if n.op == "output")
+        result = fx.node.map_arg(out_node.args[0], lambda a: env[a])
+        new.output((result, outputs, aliases))
+        self.module = fx.GraphModule(graph.module, new)
+        self.alias_names = list(aliases)
+
+    def __call__(self, x: Any, y: Any, loss_fn: LossFn, *, memo: dict[Any, Any] | None = None) -> ScoreContext:
+        """Run one batch in eval mode: the values, gradients and per-sample losses scoring needs."""
+        with _eval_mode(self.graph.module), torch.enable_grad():
+            inputs = x if isinstance(x, tuple) else (x,)
+            out, values, aliases = self.module(*inputs)
+            losses = per_sample_losses(loss_fn, out, y)
+            if not bool(torch.isfinite(losses).all()):
+                raise MorphirError("the loss is NaN or infinite on this batch; check the data and the model before scoring")
+            wanted = [values[n] for n in self.grad_nodes]
+            targets = wanted + [aliases[n] for n in self.alias_names]
+            grads = torch.autograd.grad(losses.sum(), targets, allow_unused=True) if targets else []
+        node_grads = {n: (g if g is not None else torch.zeros_like(v)).detach()
+                      for n, v, g in zip(self.grad_nodes, wanted, grads)}
+        alias_grads = {n: (g if g is not None else torch.zeros_like(aliases[n])).detach()
+                       for n, g in zip(self.alias_names, grads[len(wanted):])}
+        values = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+        return ScoreContext(self.graph, values, node_grads, alias_grads, losses.detach(), memo=memo)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode inside the block, each one's own mode restored after it."""
+    training = [m for m in module.modules() if m.training]
+    for m in training:
+        object.__setattr__(m, "training", False)  # what Module.eval() sets, minus its per-call overhead
+    try:
+        yield
+    finally:
+        for m in training:
+            object.__setattr__(m, "training", True)
 
 
 def _batches(batches: Batches) -> Iterable[tuple[Any, Any]]:
@@ -193,32 +256,11 @@ def capture(graph: MorphGraph, x: Any, y: Any, loss_fn: LossFn, *, grad_nodes: I
             alias_calls: Iterable[str] = ()) -> ScoreContext:
     """Run one batch in eval mode and capture what scoring needs. Weights and ``.grad`` are untouched.
 
+    Builds a :class:`Capturer` for this one call; keep a Capturer to capture many batches.
+
     >>> ctx = capture(g, x, y, F.cross_entropy, alias_calls=["features_1_0"])
     """
-    gm = graph.module
-    was_training = gm.training
-    gm.eval()
-    try:
-        with torch.enable_grad():
-            interp = _Capture(gm, set(alias_calls))
-            inputs = x if isinstance(x, tuple) else (x,)
-            out = interp.run(*inputs)
-            losses = per_sample_losses(loss_fn, out, y)
-            if not bool(torch.isfinite(losses).all()):
-                raise MorphirError("the loss is NaN or infinite on this batch; check the data and the model before scoring")
-            wanted = {n: interp.values[n] for n in grad_nodes}
-            targets = list(wanted.values()) + list(interp.aliases.values())
-            grads = torch.autograd.grad(losses.sum(), targets, allow_unused=True) if targets else []
-    finally:
-        gm.train(was_training)
-    names = list(wanted)
-    node_grads = {n: (g if g is not None else torch.zeros_like(wanted[n])).detach() for n, g in zip(names, grads)}
-    alias_grads = {
-        n: (g if g is not None else torch.zeros_like(a)).detach()
-        for (n, a), g in zip(interp.aliases.items(), grads[len(names):])
-    }
-    values = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in interp.values.items()}
-    return ScoreContext(graph, values, node_grads, alias_grads, losses.detach())
+    return Capturer(graph, grad_nodes=grad_nodes, alias_calls=alias_calls)(x, y, loss_fn)
 
 
 # -- helpers for channel morphisms ---------------------------------------------------------------------
@@ -263,10 +305,15 @@ def dot_at_consumers(ctx: ScoreContext, group: ChannelGroup, delta: Callable[[st
         g = ctx.input_grad(cons.node)
         layout = ctx.graph.layout(read)
         seg = cons.segment
-        prod = (dz * g).movedim(layout.axis, 1)
-        prod = prod.reshape(prod.shape[0], prod.shape[1], -1).sum(-1)  # (N, features)
-        part = prod[:, seg.offset : seg.offset + seg.width * seg.inner].reshape(prod.shape[0], seg.width, seg.inner)
-        part = part.sum(-1).T  # (width, N)
+        prod = dz * g
+        if layout.axis != 1:
+            prod = prod.movedim(layout.axis, 1)
+        prod = prod.sum(tuple(range(2, prod.dim()))) if prod.dim() > 2 else prod  # (N, features)
+        if seg.offset or seg.width * seg.inner != prod.shape[1]:
+            prod = prod[:, seg.offset : seg.offset + seg.width * seg.inner]
+        if seg.inner > 1:
+            prod = prod.reshape(prod.shape[0], seg.width, seg.inner).sum(-1)
+        part = prod.T  # (width, N)
         total = part if total is None else total + part
     if total is None:
         return torch.zeros(group.width, ctx.losses.shape[0])
@@ -299,9 +346,8 @@ def gn_estimate(s: torch.Tensor, losses: torch.Tensor, *, per_sample: bool) -> t
 # -- the scoring pass -------------------------------------------------------------------------------
 def _project(theta: torch.Tensor, radius: torch.Tensor) -> None:
     with torch.no_grad():
-        norms = theta.reshape(theta.shape[0], -1).norm(dim=1).clamp_min(1e-12)
-        factor = (radius / norms).clamp(max=1.0)
-        theta.mul_(factor.view(-1, *([1] * (theta.dim() - 1))))
+        norms = torch.linalg.vector_norm(theta.reshape(theta.shape[0], -1), dim=1)
+        theta.mul_((radius / norms.clamp_min(1e-12)).clamp_max(1.0).view(-1, *([1] * (theta.dim() - 1))))
 
 
 class Scorer:
@@ -349,7 +395,9 @@ class Scorer:
                 self.alias_calls |= set(m.alias_calls(graph, sites))
                 self.grad_nodes |= set(m.grad_nodes(graph, sites))
         learnable = [p[2].requires_grad_() for p in self.plans if p[0].learnable]
-        self.opt = torch.optim.Adam(learnable, lr=self.cfg.lr) if learnable else None
+        self.opt = torch.optim.Adam(learnable, lr=self.cfg.lr, foreach=True) if learnable else None
+        self.capturer = Capturer(graph, grad_nodes=self.grad_nodes, alias_calls=self.alias_calls)
+        self.memo: dict[Any, Any] = {}
         self.ema: list[torch.Tensor | None] = [None] * len(self.plans)
         self.fixed_sum: list[torch.Tensor] | None = None
         self.fixed_steps = 0
@@ -363,18 +411,19 @@ class Scorer:
         if not learn:
             self._fixed_step(x, y)
             return
-        ctx = capture(self.graph, x, y, self.loss_fn, grad_nodes=self.grad_nodes, alias_calls=self.alias_calls)
         total = torch.zeros(())
-        for i, (m, group, theta, _) in enumerate(self.plans):
-            try:
-                s = m.local_change(ctx, [c.site for c in group], theta)
-            except NotImplementedError as exc:
-                raise MorphismError(f"morphism {m.name!r} cannot be scored: {exc}") from exc
-            est = gn_estimate(s, ctx.losses, per_sample=self.cfg.per_sample)
-            e = est.detach()
-            self.ema[i] = e if self.ema[i] is None else self.cfg.ema * self.ema[i] + (1 - self.cfg.ema) * e
-            if m.learnable:
-                total = total + est.sum()
+        with _eval_mode(self.graph.module):
+            ctx = self.capturer(x, y, self.loss_fn, memo=self.memo)
+            for i, (m, group, theta, _) in enumerate(self.plans):
+                try:
+                    s = m.local_change(ctx, [c.site for c in group], theta)
+                except NotImplementedError as exc:
+                    raise MorphismError(f"morphism {m.name!r} cannot be scored: {exc}") from exc
+                est = gn_estimate(s, ctx.losses, per_sample=self.cfg.per_sample)
+                e = est.detach()
+                self.ema[i] = e if self.ema[i] is None else self.cfg.ema * self.ema[i] + (1 - self.cfg.ema) * e
+                if m.learnable:
+                    total = total + est.sum()
         if self.opt is not None:
             self.opt.zero_grad()
             total.backward()
@@ -386,12 +435,13 @@ class Scorer:
 
     @torch.no_grad()
     def _fixed_step(self, x: Any, y: Any) -> None:
-        ctx = capture(self.graph, x, y, self.loss_fn, grad_nodes=self.grad_nodes, alias_calls=self.alias_calls)
         if self.fixed_sum is None:
             self.fixed_sum = [torch.zeros(len(p[1])) for p in self.plans]
-        for i, (m, group, theta, _) in enumerate(self.plans):
-            s = m.local_change(ctx, [c.site for c in group], theta.detach())
-            self.fixed_sum[i] += gn_estimate(s, ctx.losses, per_sample=self.cfg.per_sample)
+        with _eval_mode(self.graph.module):
+            ctx = self.capturer(x, y, self.loss_fn, memo=self.memo)
+            for i, (m, group, theta, _) in enumerate(self.plans):
+                s = m.local_change(ctx, [c.site for c in group], theta.detach())
+                self.fixed_sum[i] += gn_estimate(s, ctx.losses, per_sample=self.cfg.per_sample)
         self.fixed_steps += 1
 
     def finish(self) -> list[Candidate]:

@@ -2,18 +2,41 @@
 
 All channels of a group are handled in one pass: a producer's output with every channel
 replaced by its variant is computed with one conv (or linear) whose weight holds one θ per row.
+
+Batch norm right after a producer acts, in eval mode (as scoring runs), as a per-channel affine
+map y = s·x + t. It is folded into the change: the producer's change scaled by s starts at the
+batch norm's output, so nothing is recomputed through it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
+from torch import nn
 
 from morphir import MorphGraph, ScoreContext, Site
 
-__all__ = ["incoming_stack", "producer_change", "stack_theta", "consumer_calls"]
+__all__ = ["Start", "incoming_stack", "starts", "producer_change", "stack_theta", "consumer_calls", "site_rows"]
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where one producer's channel change enters the group's carriers.
+
+    ``node`` is the producer's call or the last batch norm that follows it alone; there, channel c
+    of the output changes by ``scale[c]`` × the producer's change (``shift`` maps a producer
+    output to the node's output: y = scale·x + shift; both None when no batch norm is folded).
+    """
+
+    producer: str
+    module: str
+    node: str
+    scale: torch.Tensor | None
+    shift: torch.Tensor | None
 
 
 def incoming_stack(graph: MorphGraph, sites: Sequence[Site]) -> torch.Tensor:
@@ -25,29 +48,86 @@ def incoming_stack(graph: MorphGraph, sites: Sequence[Site]) -> torch.Tensor:
     return torch.cat(rows, dim=1)
 
 
+def site_rows(ctx: ScoreContext, group: str, sites: Sequence[Site]) -> torch.Tensor | None:
+    """The channel index of each site, or None when the sites are every channel in order."""
+    key = ("channels.rows", group, tuple(s.index for s in sites))
+    if key not in ctx.memo:
+        index = [s.index for s in sites]
+        ctx.memo[key] = None if index == list(range(ctx.graph.group(group).width)) else torch.tensor(index)
+    return ctx.memo[key]
+
+
 def stack_theta(graph: MorphGraph, group: str, sites: Sequence[Site], theta: torch.Tensor) -> torch.Tensor:
     """θ rows of the candidate channels placed in a (width, numel) matrix, zero elsewhere (differentiable)."""
     width = graph.group(group).width
-    index = torch.tensor([s.index for s in sites])
-    return torch.zeros(width, theta.shape[1], dtype=theta.dtype).index_copy(0, index, theta)
+    index = [s.index for s in sites]
+    if index == list(range(width)):
+        return theta
+    return torch.zeros(width, theta.shape[1], dtype=theta.dtype).index_copy(0, torch.tensor(index), theta)
+
+
+def _batch_norm_affine(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(scale, shift) of a batch norm in eval mode, or None if it normalises with batch statistics."""
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm) or module.running_mean is None:
+        return None
+    scale = torch.rsqrt(module.running_var.detach() + module.eps)
+    shift = -module.running_mean.detach() * scale
+    if module.weight is not None:
+        scale = scale * module.weight.detach()
+        shift = shift * module.weight.detach()
+    if module.bias is not None:
+        shift = shift + module.bias.detach()
+    return scale, shift
+
+
+def starts(ctx: ScoreContext, group: str) -> list[Start]:
+    """For each producer of ``group``: the node its change enters at, with the folded affine map."""
+    key = ("channels.starts", group)
+    if key in ctx.memo:
+        return ctx.memo[key]
+    graph = ctx.graph
+    grp = graph.group(group)
+    members = set(grp.nodes)
+    out = []
+    for prod in grp.producers:
+        node: fx.Node = ctx.node(prod.node)
+        scale = shift = None
+        while len(node.users) == 1:
+            user = next(iter(node.users))
+            layout = graph.layout(node.name)
+            if (user.op != "call_module" or user.name not in members or not user.args or user.args[0] is not node
+                    or len(user.args) + len(user.kwargs) != 1 or layout is None or layout.axis != 1):
+                break
+            affine = _batch_norm_affine(ctx.module(user.target))
+            if affine is None:
+                break
+            s, t = affine
+            scale, shift = (s, t) if scale is None else (scale * s, shift * s + t)
+            node = user
+        out.append(Start(prod.node, prod.module, node.name, scale, shift))
+    ctx.memo[key] = out
+    return out
 
 
 def producer_change(ctx: ScoreContext, group: str, full: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per producer call: the change of its output when channel c's incoming weights move by row c of ``full``."""
+    """The change at each producer's start node (see :func:`starts`) when channel c's incoming
+    weights move by row c of ``full`` (width × incoming numel)."""
     graph = ctx.graph
     out: dict[str, torch.Tensor] = {}
-    start = 0
-    producers = graph.group(group).producers
-    for (module_name, shape), prod in zip(graph.incoming_shapes(group), producers):
+    begin = 0
+    for (_, shape), st in zip(graph.incoming_shapes(group), starts(ctx, group)):
         n = int(torch.Size(shape).numel())
-        weight = full[:, start : start + n].reshape(full.shape[0], *shape)
-        start += n
-        module = graph.submodule(module_name)
-        x = ctx.value(ctx.node(prod.node).args[0].name)
-        if isinstance(module, torch.nn.Linear):
-            out[prod.node] = F.linear(x, weight)
+        rows = full[:, begin : begin + n]
+        begin += n
+        if st.scale is not None:
+            rows = rows * st.scale[:, None]
+        weight = rows.reshape(full.shape[0], *shape)
+        module = ctx.module(st.module)
+        x = ctx.value(ctx.node(st.producer).args[0].name)
+        if isinstance(module, nn.Linear):
+            out[st.node] = F.linear(x, weight)
         else:
-            out[prod.node] = module._conv_forward(x, weight, None)
+            out[st.node] = module._conv_forward(x, weight, None)
     return out
 
 

@@ -17,7 +17,14 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from morphir import MorphGraph, Morphism, Rewriter, ScoreContext, Site, dot_at_consumers, propagate
-from morphir.passes._channel_scoring import consumer_calls, incoming_stack, producer_change, stack_theta
+from morphir.passes._channel_scoring import (
+    consumer_calls,
+    incoming_stack,
+    producer_change,
+    site_rows,
+    stack_theta,
+    starts,
+)
 
 __all__ = ["Prune"]
 
@@ -79,8 +86,11 @@ class Prune(Morphism):
         group = sites[0].anchor
         grp = ctx.graph.group(group)
         with torch.no_grad():  # θ is fixed: nothing to differentiate
-            if torch.equal(theta, incoming_stack(ctx.graph, sites)):
-                start = self._bias_only(ctx, grp, [s.index for s in sites])  # w_in − θ = 0: only the bias is left
+            key = ("prune.is_default", group, tuple(s.index for s in sites))
+            if key not in ctx.memo or ctx.memo[key][0] is not theta:
+                ctx.memo[key] = (theta, torch.equal(theta, incoming_stack(ctx.graph, sites)))
+            if ctx.memo[key][1]:
+                start = self._bias_only(ctx, group, sites)  # w_in − θ = 0: only the bias is left
             else:
                 change = producer_change(ctx, group, stack_theta(ctx.graph, group, sites, theta))
                 start = {n: ctx.value(n) - d for n, d in change.items()}
@@ -89,21 +99,28 @@ class Prune(Morphism):
             def delta(node: str) -> torch.Tensor | None:
                 return pruned[node] - ctx.value(node) if node in pruned else None
 
-            return dot_at_consumers(ctx, grp, delta)[[s.index for s in sites]]
+            s = dot_at_consumers(ctx, grp, delta)
+            rows = site_rows(ctx, group, sites)
+            return s if rows is None else s[rows]
 
     @staticmethod
-    def _bias_only(ctx: ScoreContext, grp, channels: list[int]) -> dict[str, torch.Tensor]:
-        """Each producer's output with the pruned channels replaced by their bias (zero without one)."""
-        out = {}
-        for prod in grp.producers:
-            value = ctx.value(prod.node)
-            layout = ctx.graph.layout(prod.node)
-            bias = ctx.graph.submodule(prod.module).bias
-            shape = [1] * value.dim()
-            shape[layout.axis] = -1
-            mask = torch.zeros(grp.width, dtype=value.dtype)
-            mask[channels] = 1
-            mask = mask.view(shape)
-            const = bias.detach().view(shape) if bias is not None else torch.zeros_like(mask)
-            out[prod.node] = value * (1 - mask) + const * mask
-        return out
+    def _bias_only(ctx: ScoreContext, group: str, sites: Sequence[Site]) -> dict[str, torch.Tensor]:
+        """Each producer's start value with the pruned channels replaced by their constant: the
+        bias (zero without one), through any batch norm folded into the start."""
+        key = ("prune.constants", group, tuple(s.index for s in sites))
+        if key not in ctx.memo:
+            width = ctx.graph.group(group).width
+            consts = {}
+            for st in starts(ctx, group):
+                bias = ctx.module(st.module).bias
+                const = bias.detach() if bias is not None else torch.zeros(width)
+                if st.scale is not None:
+                    const = const * st.scale + st.shift
+                layout = ctx.graph.layout(st.node)
+                shape = [1] * layout.ndim
+                shape[layout.axis] = -1
+                mask = torch.zeros(width, dtype=torch.bool)
+                mask[[s.index for s in sites]] = True
+                consts[st.node] = (mask.view(shape), const.view(shape))
+            ctx.memo[key] = consts
+        return {n: torch.where(mask, const, ctx.value(n)) for n, (mask, const) in ctx.memo[key].items()}

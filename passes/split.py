@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from morphir import MorphGraph, Morphism, Rewriter, ScoreContext, Site, dot_at_consumers, propagate
-from morphir.passes._channel_scoring import consumer_calls, incoming_stack, producer_change, stack_theta
+from morphir.passes._channel_scoring import consumer_calls, incoming_stack, producer_change, site_rows, stack_theta
 
 __all__ = ["Split"]
 
@@ -72,11 +72,13 @@ class Split(Morphism):
         if both is None:
             plus = propagate(ctx, grp, {n: ctx.value(n) + d for n, d in change.items()})
             minus = propagate(ctx, grp, {n: ctx.value(n) - d for n, d in change.items()})
+
+            def delta(node: str) -> torch.Tensor | None:
+                return (plus[node] + minus[node]) / 2 - ctx.value(node) if node in plus else None
         else:
-            plus = {k: v.chunk(2)[0] for k, v in both.items()}
-            minus = {k: v.chunk(2)[1] for k, v in both.items()}
+            def delta(node: str) -> torch.Tensor | None:  # the mean of the two copies, less the original
+                return both[node].unflatten(0, (2, -1)).mean(0) - ctx.value(node) if node in both else None
 
-        def delta(node: str) -> torch.Tensor | None:
-            return (plus[node] + minus[node]) / 2 - ctx.value(node) if node in plus else None
-
-        return dot_at_consumers(ctx, grp, delta)[[s.index for s in sites]]
+        s = dot_at_consumers(ctx, grp, delta)
+        rows = site_rows(ctx, group, sites)
+        return s if rows is None else s[rows]

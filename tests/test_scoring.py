@@ -54,7 +54,8 @@ def test_gradient_of_the_estimate_matches_finite_differences() -> None:
     for i, j in [(0, 0), (2, 3), (5, 1)]:
         step = torch.zeros_like(theta)
         step[i, j] = eps
-        numeric = (estimate(theta + step) - estimate(theta - step)) / (2 * eps)
+        with torch.no_grad():
+            numeric = (estimate(theta + step) - estimate(theta - step)) / (2 * eps)
         assert float(grad[i, j]) == pytest.approx(float(numeric), rel=1e-5, abs=1e-9)
 
 
@@ -115,3 +116,64 @@ def test_nan_loss_is_reported() -> None:
     x = torch.full((4, 4), float("nan"))
     with pytest.raises(morphir.MorphirError, match="NaN"):
         morphir.score(graph, [(x, torch.zeros(4, 1))], F.mse_loss)
+
+
+def bn_net(kind: str) -> tuple[morphir.MorphGraph, list]:
+    """A producer, a batch norm with live running statistics, ReLU and a one-output readout."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 1))
+        x = torch.randn(32, 4)
+    else:
+        net = nn.Sequential(nn.Conv2d(2, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 16, 1))
+        x = torch.randn(32, 2, 4, 4)
+    bn = net[1]
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.3, 0.3)
+    return morphir.trace(net, x[:1]), [(x, torch.randn(32, 1))]
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_batch_norm_folded_into_the_change_keeps_the_estimate_exact(kind: str) -> None:
+    # batch norm in eval mode is affine per channel, so the Theorem 2 case still holds exactly
+    graph, batches = bn_net(kind)
+    graph.module.train()  # scoring runs the network in eval mode whatever mode it is in
+    cands = morphir.score(graph, batches, F.mse_loss, morphisms=("split", "prune"),
+                          config=morphir.ScoreConfig(lr=0.0))
+    exact = morphir.exact_delta_losses(graph, cands, batches, F.mse_loss)
+    assert len(cands) == 2 * (6 if kind == "linear" else 5)
+    for cand, truth in zip(cands, exact):
+        assert cand.estimate == pytest.approx(truth, abs=1e-4), cand
+    assert max(abs(t) for t in exact) > 1e-3
+
+
+def test_scoring_a_network_in_training_mode_leaves_its_buffers_and_modes_alone() -> None:
+    graph, batches = bn_net("conv")
+    graph.module.train()
+    graph.submodule("3").eval()  # a mixed state must come back as it was
+    modes = {name: m.training for name, m in graph.module.named_modules()}
+    buffers = {k: v.clone() for k, v in graph.module.named_buffers()}
+    morphir.score(graph, batches * 3, F.mse_loss)
+    assert {name: m.training for name, m in graph.module.named_modules()} == modes
+    assert all(torch.equal(buffers[k], v) for k, v in graph.module.named_buffers())
+
+
+def test_scoring_a_subset_gives_the_same_estimates_as_scoring_all() -> None:
+    graph, batches = bn_net("conv")
+    cfg = morphir.ScoreConfig(lr=0.0)
+    full = {c: c for c in morphir.score(graph, batches, F.mse_loss, config=cfg)}
+    chosen = [c for c in full if c.site.index in (1, 3)]
+    scorer = morphir.Scorer(graph, F.mse_loss, ("split", "prune"), config=cfg, only=chosen)
+    with torch.no_grad():  # the same θ as in the full pass (a subset draws its random start differently)
+        for _, group, theta, _ in scorer.plans:
+            theta.copy_(torch.stack([full[c].theta for c in group]))
+    for x, y in batches:
+        scorer.step(x, y, learn=False)
+    part = scorer.finish()
+    assert len(part) == 4
+    for c in part:
+        assert c.estimate == pytest.approx(full[c].estimate, abs=1e-7)
+        assert abs(c.estimate) > 1e-6
