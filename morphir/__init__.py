@@ -34,7 +34,8 @@ from morphir.errors import (
 from morphir.graph import LeafPolicy, MorphGraph, make_probe, trace
 from morphir.load import load_model, resolve_model
 from morphir.morphism import Candidate, Morphism, Registry, Site
-from morphir.rewrite import ChannelCopy, Rewriter
+from morphir.optim_state import carry_state, rebuild_optimizer
+from morphir.rewrite import ChannelCopy, ParamEdit, Rewriter
 from morphir.scoring import (
     ScoreConfig,
     ScoreContext,
@@ -53,6 +54,9 @@ __version__ = "0.1.0"
 __all__ = [
     "AnalysisError",
     "Candidate",
+    "carry_state",
+    "rebuild_optimizer",
+    "ParamEdit",
     "ChannelAnalysis",
     "ChannelCopy",
     "ChannelGroup",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_leaves
 from morphir.errors import InvariantError, MorphismError, PreservationError
 from morphir.graph import MorphGraph
 from morphir.morphism import Candidate, Morphism, Registry, Site, is_zero
-from morphir.rewrite import Rewriter
+from morphir.rewrite import ParamEdit, Rewriter
 
 __all__ = ["PassResult", "default_registry", "morphisms", "candidates", "rewrite", "apply", "output_mismatch"]
 
@@ -32,11 +32,17 @@ Theta = None | Literal["learned"] | Mapping[Candidate, torch.Tensor]
 
 @dataclass(frozen=True)
 class PassResult:
-    """What a rewrite produced: the new graph, whether anything changed, and what was applied."""
+    """What a rewrite produced: the new graph, whether anything changed, and what was applied.
+
+    ``param_edits`` maps each parameter whose shape changed to how it derives from the same-named
+    parameter before (rows and columns taken, columns scaled): what :func:`morphir.carry_state`
+    uses to carry optimizer state across the rewrite.
+    """
 
     graph: MorphGraph
     modified: bool
     applied: tuple[Candidate, ...]
+    param_edits: Mapping[str, ParamEdit] = field(default_factory=dict)
 
 
 def default_registry() -> Registry:
@@ -99,8 +105,8 @@ def _by_morphism(items: Sequence[tuple[Candidate, torch.Tensor]]) -> list[tuple[
     return list(groups.values())
 
 
-def _build(graph: MorphGraph, items: Sequence[tuple[Candidate, torch.Tensor]]) -> tuple[MorphGraph, bool]:
-    """Run every morphism's rewrite on a copy of ``graph``; returns the copy and the claimed flag."""
+def _build(graph: MorphGraph, items: Sequence[tuple[Candidate, torch.Tensor]]) -> tuple[MorphGraph, bool, Rewriter]:
+    """Run every morphism's rewrite on a copy of ``graph``; returns the copy, the claimed flag and the rewriter."""
     work = graph.copy()
     work._analysis = graph.analysis  # same structure until edits are applied
     rw = Rewriter(work)
@@ -108,7 +114,7 @@ def _build(graph: MorphGraph, items: Sequence[tuple[Candidate, torch.Tensor]]) -
     for morphism, sites in _by_morphism(items):
         claimed |= bool(morphism.rewrite(rw, sites))
     rw.apply()
-    return work, claimed
+    return work, claimed, rw
 
 
 def _changed(before: MorphGraph, after: MorphGraph) -> bool:
@@ -188,7 +194,7 @@ def rewrite(graph: MorphGraph, cands: Sequence[Candidate], theta: Theta = None, 
     cands = list(dict.fromkeys(cands))
     thetas = _thetas(graph, cands, theta)
     items = list(zip(cands, thetas))
-    work, claimed = _build(graph, items) if items else (graph.copy(), False)
+    work, claimed, rw = _build(graph, items) if items else (graph.copy(), False, None)
     actual = _changed(graph, work)
     if claimed != actual:
         who = ", ".join(sorted({c.name for c in cands}))
@@ -202,7 +208,7 @@ def rewrite(graph: MorphGraph, cands: Sequence[Candidate], theta: Theta = None, 
         _verify(graph, preserving, work if all_zero else None)
     work.history = graph.history + tuple(f"{c.name}@{c.site}" for c in cands)
     log.debug("applied %d candidates; modified=%s", len(cands), actual)
-    return PassResult(work, actual, tuple(cands))
+    return PassResult(work, actual, tuple(cands), dict(rw.param_edits) if rw is not None else {})
 
 
 def apply(graph: MorphGraph, cands: Sequence[Candidate], theta: Theta = None, *, verify: bool = True) -> MorphGraph:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from morphir.channels import ChannelAnalysis, Layout
 from morphir.errors import InvariantError, MorphismError, TraceError
 
-__all__ = ["ChannelCopy", "Rewriter"]
+__all__ = ["ChannelCopy", "ParamEdit", "Rewriter"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,32 @@ class ChannelCopy:
 
 
 _KEEP = (ChannelCopy(),)
+
+
+@dataclass(frozen=True)
+class ParamEdit:
+    """How a parameter after a rewrite derives from the same-named parameter before it.
+
+    Its rows (dim 0) are the old rows at ``rows``; then its columns (dim 1) are the old columns at
+    ``cols``, each scaled by ``col_scale``. None: that dim is unchanged. Anything else a rewrite
+    adds (a split's ±θ, a folded bias) is a value change only. Optimizer state follows the same
+    map (see :func:`morphir.carry_state`).
+    """
+
+    rows: torch.Tensor | None = None
+    cols: torch.Tensor | None = None
+    col_scale: torch.Tensor | None = None
+
+    def then(self, other: "ParamEdit") -> "ParamEdit":
+        """This edit followed by ``other`` (rows then columns compose independently)."""
+        rows = self.rows if other.rows is None else (other.rows if self.rows is None else self.rows[other.rows])
+        if other.cols is None:
+            cols, scale = self.cols, self.col_scale
+        elif self.cols is None:
+            cols, scale = other.cols, other.col_scale
+        else:
+            cols, scale = self.cols[other.cols], self.col_scale[other.cols] * other.col_scale
+        return ParamEdit(rows, cols, scale)
 
 
 @dataclass(frozen=True)
@@ -81,6 +107,7 @@ class Rewriter:
         self.graph = graph
         self._channels: dict[tuple[str, int], tuple[tuple[ChannelCopy, ...], str]] = {}
         self._inserts: list[_Insert] = []
+        self.param_edits: dict[str, ParamEdit] = {}  # filled by apply(): qualified name -> edit
 
     # -- recording ---------------------------------------------------------------------------
     def set_copies(self, group: str, channel: int, copies: Sequence[ChannelCopy], origin: str) -> None:
@@ -142,7 +169,7 @@ class Rewriter:
             _apply_inserts(self.graph, self._inserts)
             self._refresh(sorted({i.origin for i in self._inserts}))
         if self._channels:
-            _apply_channel_edits(self.graph, self._plans())
+            _apply_channel_edits(self.graph, self._plans(), self.param_edits)
             self._refresh(sorted({origin for _, origin in self._channels.values()}))
 
     def _refresh(self, origins: list[str]) -> None:
@@ -252,7 +279,12 @@ def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[name] = value
 
 
-def _edit_rows(module: nn.Module, idx: torch.Tensor, old: int, *, follower: bool) -> None:
+def _record(edits: dict[str, ParamEdit], name: str, edit: ParamEdit) -> None:
+    edits[name] = edits[name].then(edit) if name in edits else edit
+
+
+def _edit_rows(module: nn.Module, idx: torch.Tensor, old: int, *, follower: bool,
+               prefix: str = "", edits: dict[str, ParamEdit] | None = None) -> None:
     """Index every per-channel tensor of ``module`` along dim 0 and update its size attributes.
 
     A follower conv is depthwise: its input channels and groups follow its output channels.
@@ -261,6 +293,8 @@ def _edit_rows(module: nn.Module, idx: torch.Tensor, old: int, *, follower: bool
         for name, t in [*module._parameters.items(), *module._buffers.items()]:
             if t is not None and t.dim() >= 1 and t.shape[0] == old:
                 _replace(module, name, t.detach()[idx.to(t.device)].clone())
+                if edits is not None and name in module._parameters:
+                    _record(edits, prefix + name, ParamEdit(rows=idx))
     new = int(idx.numel())
     for attr in ("out_channels", "out_features", "num_features", "num_parameters"):
         if getattr(module, attr, None) == old:
@@ -271,10 +305,13 @@ def _edit_rows(module: nn.Module, idx: torch.Tensor, old: int, *, follower: bool
         module.morphir_depthwise = True
 
 
-def _edit_cols(module: nn.Module, idx: torch.Tensor, scale: torch.Tensor) -> None:
+def _edit_cols(module: nn.Module, idx: torch.Tensor, scale: torch.Tensor, *,
+               prefix: str = "", edits: dict[str, ParamEdit] | None = None) -> None:
     w = module.weight.detach()
     view = (1, -1) + (1,) * (w.dim() - 2)
     _replace(module, "weight", (w[:, idx.to(w.device)] * scale.to(w).view(view)).contiguous())
+    if edits is not None:
+        _record(edits, prefix + "weight", ParamEdit(cols=idx, col_scale=scale))
     new = int(idx.numel())
     if isinstance(module, nn.Linear):
         module.in_features = new
@@ -347,7 +384,7 @@ def _folded_biases(graph, an: ChannelAnalysis, plans: Mapping[str, _Plan]) -> di
     return corrections
 
 
-def _apply_channel_edits(graph, plans: Mapping[str, _Plan]) -> None:
+def _apply_channel_edits(graph, plans: Mapping[str, _Plan], edits: dict[str, ParamEdit] | None = None) -> None:
     gm: fx.GraphModule = graph.module
     an: ChannelAnalysis = graph.analysis
     biases = _folded_biases(graph, an, plans)
@@ -364,18 +401,18 @@ def _apply_channel_edits(graph, plans: Mapping[str, _Plan]) -> None:
             grp = an.groups[gname]
             for prod in grp.producers:
                 module = gm.get_submodule(prod.module)
-                _edit_rows(module, plan.src, plan.old_width, follower=False)
+                _edit_rows(module, plan.src, plan.old_width, follower=False, prefix=prod.module + ".", edits=edits)
                 for j, delta in plan.deltas:
                     if prod.module in delta:
                         module.weight[j] += delta[prod.module].to(module.weight)
         for m, layout in an.follower_layouts.items():
             found = _index(layout, plans)
             if found is not None:
-                _edit_rows(gm.get_submodule(m), found[0], layout.size, follower=True)
+                _edit_rows(gm.get_submodule(m), found[0], layout.size, follower=True, prefix=m + ".", edits=edits)
         for m, layout in an.consumer_layouts.items():
             found = _index(layout, plans)
             if found is not None:
-                _edit_cols(gm.get_submodule(m), *found)
+                _edit_cols(gm.get_submodule(m), *found, prefix=m + ".", edits=edits)
 
     nodes = {n.name: n for n in gm.graph.nodes}
     for node_name, path, layout in an.reshapes:
