@@ -24,14 +24,22 @@ from morphir.channels import (
 from morphir.engine import PassResult, apply, candidates, default_registry, morphisms, output_mismatch, rewrite
 from morphir.errors import (
     AnalysisError,
+    CheckpointError,
+    DataError,
+    ExportError,
     InvariantError,
     LoadError,
     MorphirError,
     MorphismError,
     PreservationError,
     TraceError,
+    TrainingError,
 )
+from morphir.data import Data, load_data
+from morphir.export import check_onnx, compile, export_onnx, export_program
 from morphir.graph import LeafPolicy, MorphGraph, make_probe, trace
+from morphir.grow import GrowConfig, GrowResult, count_flops, grow, retrain, select
+from morphir.report import write_report
 from morphir.load import load_model, resolve_model
 from morphir.morphism import Candidate, Morphism, Registry, Site
 from morphir.optim_state import carry_state, rebuild_optimizer
@@ -54,6 +62,23 @@ __version__ = "0.1.0"
 __all__ = [
     "AnalysisError",
     "Candidate",
+    "CheckpointError",
+    "Data",
+    "DataError",
+    "ExportError",
+    "GrowConfig",
+    "GrowResult",
+    "TrainingError",
+    "check_onnx",
+    "compile",
+    "count_flops",
+    "export_onnx",
+    "export_program",
+    "grow",
+    "load_data",
+    "retrain",
+    "select",
+    "write_report",
     "carry_state",
     "rebuild_optimizer",
     "ParamEdit",

@@ -3,6 +3,9 @@
     morphir inspect zoo:vgg19 --input-shape 1,3,32,32 [--json]
     morphir inspect model.pt --input-shape 1,3,32,32 [--allow-pickle]
     morphir score zoo:vgg19 --data digits [--epochs 3] [--exact] [--json] [--plot s.png]
+    morphir grow zoo:vgg19 [--data digits|FILE.pt|FILE.npz|module:function] [--phases 4] [--out DIR] [--resume]
+    morphir export grown/grown.pt --onnx grown.onnx --check --input-shape 1,1,8,8 --allow-pickle
+    morphir report DIR
 
 Errors go to stderr as ``morphir: error: ...`` with exit status 1 (2 for bad arguments).
 """
@@ -15,6 +18,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -69,6 +73,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--allow-pickle", action="store_true", help="see `morphir inspect --help`")
     p.set_defaults(func=_score)
+
+    p = sub.add_parser("grow", help="grow a model while it trains (Gauss-Newton morphisms); writes a run directory")
+    p.add_argument("model", help="zoo:NAME or a file written by torch.save(module)")
+    p.add_argument("--data", default="digits",
+                   help="digits (default), a .pt/.npz file with x, y [, x_val, y_val], or module:function returning "
+                        "(train, val) loaders")
+    p.add_argument("--phases", type=int, default=4, help="training phases; a growth step follows each but the last (default 4)")
+    p.add_argument("--phase-epochs", type=int, default=4, help="epochs per phase (default 4)")
+    p.add_argument("--lam", type=float, default=None, help="λ of the criterion -ΔL > λ·ΔR (default 2e-6 per parameter)")
+    p.add_argument("--resource", choices=["params", "flops"], default="params", help="what ΔR counts (default params)")
+    p.add_argument("--top-fraction", type=float, default=0.3, help="most of a group's positive morphisms applied per phase")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate at the start of the cosine schedule")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-classes", type=int, default=None, help="classes of a zoo model (default: from the labels)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--compile", action="store_true", help="also evaluate the grown net through torch.compile")
+    p.add_argument("--retrain", action="store_true",
+                   help="also train the found architecture from scratch for the same epochs and report both")
+    p.add_argument("--theta", choices=["learned", "random"], default="learned", help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="morphir-run", help="run directory (default ./morphir-run)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--allow-pickle", action="store_true", help="see `morphir inspect --help`")
+    p.set_defaults(func=_grow)
+
+    p = sub.add_parser("export", help="export a model to ONNX (dynamic batch) and check it with onnxruntime")
+    p.add_argument("model", help="zoo:NAME or a file written by torch.save(module) (e.g. a run's grown.pt)")
+    p.add_argument("--onnx", required=True, metavar="OUT.onnx", help="where to write the ONNX file")
+    p.add_argument("--check", action="store_true", help="run onnxruntime and require max |Δ| <= 1e-4 against torch")
+    p.add_argument("--input-shape", type=_shape, default=None, help="example input shape, e.g. 1,1,8,8")
+    p.add_argument("--num-classes", type=int, default=10, help="classes of a zoo model (default 10)")
+    p.add_argument("--allow-pickle", action="store_true", help="needed for a run's grown.pt (a saved GraphModule)")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("report", help="regenerate report.png and a self-contained report.html from a run directory")
+    p.add_argument("run_dir", help="a directory written by `morphir grow`")
+    p.set_defaults(func=_report)
     return parser
 
 
@@ -234,10 +275,141 @@ def _plot(rows: list[dict[str, Any]], spearman: dict[str, float], path: str) -> 
         plt.close(fig)
 
 
+def _labels_max(batches: Any) -> int:
+    top = -1
+    for _, y in batches:
+        if isinstance(y, torch.Tensor) and y.numel():
+            top = max(top, int(y.max()))
+    return top
+
+
+def _check_fit(graph: MorphGraph, x: Any, top: int, source: str) -> None:
+    """Run the model on a small batch of the data before any training: a clear error if they do not fit."""
+    from morphir.errors import DataError
+
+    inputs = x if isinstance(x, tuple) else (x,)
+    small = tuple(t[:2] for t in inputs)
+    try:
+        with torch.no_grad():
+            graph.module.eval()
+            out = graph.module(*small)
+    except Exception as exc:  # noqa: BLE001 - any failure here means data and model do not fit
+        shapes = ", ".join(str(tuple(t.shape)) for t in small)
+        raise DataError(f"{source}: batches of shape {shapes} do not fit the model ({type(exc).__name__}: {exc}); "
+                        "check --input-shape/the data's sample shape") from None
+    if isinstance(out, torch.Tensor) and top >= 0:
+        if out.dim() != 2 or out.shape[1] <= top:
+            raise DataError(f"{source}: labels go up to {top} but the model outputs shape {tuple(out.shape)}; "
+                            "it needs one logit per class (set --num-classes for a zoo model)")
+
+
+def _grow(args: argparse.Namespace) -> int:
+    import shlex
+
+    import torch.nn.functional as F
+
+    from morphir.data import first_batch, load_data
+    from morphir.errors import CheckpointError, DataError, TraceError
+    from morphir.export import compile as compile_module
+    from morphir.export import export_onnx, export_program
+    from morphir.grow import GrowConfig, atomic_write, grow, retrain
+    from morphir.report import write_report
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise MorphirError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    options = {"phases": args.phases, "phase_epochs": args.phase_epochs, "resource": args.resource,
+               "top_fraction": args.top_fraction, "lr": args.lr, "seed": args.seed, "theta": args.theta}
+    if args.lam is not None:
+        options["lam"] = args.lam
+    cfg = GrowConfig(**options)
+    out = args.out
+    if not args.resume and os.path.exists(os.path.join(out, "checkpoint.pt")):
+        raise CheckpointError(f"{out} already holds a run; continue it with --resume or choose another --out")
+    torch.manual_seed(args.seed)
+    data = load_data(args.data, seed=args.seed, batch_size=args.batch_size)
+    x0, y0 = first_batch(data.train, data.source)
+    first = x0[0] if isinstance(x0, tuple) else x0
+    top_label = _labels_max(data.train)
+    num_classes = args.num_classes if args.num_classes is not None else max(top_label, 1) + 1
+    try:
+        graph = load_graph(args.model, (1, *first.shape[1:]), num_classes, args.allow_pickle)
+    except TraceError as exc:
+        raise DataError(f"{data.source}: samples of shape {tuple(first.shape[1:])} do not fit {args.model}: {exc}") from None
+    _check_fit(graph, x0, top_label, data.source)
+    identity = f"{args.model} on {args.data}"
+
+    def show(record: dict[str, Any]) -> None:
+        from morphir.grow import _phase_line
+
+        print(_phase_line(record), flush=True)
+
+    command = "morphir " + " ".join(shlex.quote(a) for a in args.argv if a != "--resume") + " --resume"
+    try:
+        result = grow(graph, data.train, data.val, F.cross_entropy, config=cfg, run_dir=out, resume=args.resume,
+                      identity=identity, device=args.device, on_phase=show)
+    except KeyboardInterrupt:
+        print(f"morphir: interrupted; the last finished phase is checkpointed in {out}. Resume with:\n  {command}",
+              file=sys.stderr)
+        return 130
+    if args.retrain:
+        retrain(result, data.train, data.val, F.cross_entropy, device=args.device)
+    module = result.graph.module
+    example = tuple(t[:1] for t in (x0 if isinstance(x0, tuple) else (x0,)))
+    summary = {"model": args.model, "data": args.data, **result.summary()}
+    if args.compile:
+        from morphir.grow import _evaluate
+
+        compiled = compile_module(result.graph, args.device, use_torch_compile=True)
+        summary["compiled_val_loss"], summary["compiled_val_accuracy"] = _evaluate(
+            compiled, data.val, F.cross_entropy, torch.device(args.device))
+    module.cpu()
+    atomic_write(Path(out, "grown.pt"), lambda f: torch.save(module, f))
+    written = ["grown.pt"]
+    if export_program(module, os.path.join(out, "grown.pt2"), example) is not None:
+        written.append("grown.pt2")
+    export_onnx(module, os.path.join(out, "grown.onnx"), example, check=True)
+    written.append("grown.onnx")
+    text = json.dumps(summary, indent=2) + "\n"
+    atomic_write(Path(out, "summary.json"), lambda f: f.write(text), binary=False)
+    write_report(out)
+    written += ["metrics.jsonl", "summary.json", "report.png", "report.html", "checkpoint.pt"]
+    acc = summary["val_accuracy"]
+    line = (f"grown {args.model}: {summary['seed_params']:,} -> {summary['final_params']:,} params, "
+            f"{summary['final_flops']:,} FLOPs, val accuracy {acc:.3f} after {summary['phases']} phases "
+            f"({summary['seconds']:.0f} s)")
+    print(line)
+    if result.retrained is not None:
+        print(f"retrained from scratch ({result.retrained['epochs']} epochs): val accuracy "
+              f"{result.retrained['val_accuracy']:.3f}")
+    if args.compile:
+        print(f"torch.compile: val accuracy {summary['compiled_val_accuracy']:.3f}")
+    print(f"wrote {', '.join(written)} to {out}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from morphir.export import export_onnx
+
+    graph = load_graph(args.model, args.input_shape, args.num_classes, args.allow_pickle)
+    path = export_onnx(graph, args.onnx, check=args.check)
+    print(f"wrote {path}" + (" (checked against onnxruntime: max |Δ| <= 1e-4)" if args.check else ""))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from morphir.report import write_report
+
+    png, html = write_report(args.run_dir)
+    print(f"wrote {png} and {html}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``morphir`` command; returns the exit status."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -1,4 +1,5 @@
-"""Bundled data: scikit-learn's digits (1,797 8×8 images, 10 classes), split by a seed.
+"""Data sources: scikit-learn's bundled digits (1,797 8×8 images, 10 classes), tensor files, or a
+user function returning loaders.
 
 >>> train, val = digits_loaders(seed=0, batch_size=64)
 >>> x, y = next(iter(train)); x.shape
@@ -7,10 +8,20 @@ torch.Size([64, 1, 8, 8])
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["digits_tensors", "digits_loaders"]
+from morphir.errors import DataError
+
+__all__ = ["Data", "digits_tensors", "digits_loaders", "load_data", "first_batch"]
 
 
 def digits_tensors(*, seed: int = 0, val_fraction: float = 0.2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -45,3 +56,127 @@ def digits_loaders(*, seed: int = 0, batch_size: int = 64, val_fraction: float =
     train = DataLoader(TensorDataset(xt, yt), batch_size=batch_size, shuffle=True, generator=gen)
     val = DataLoader(TensorDataset(xv, yv), batch_size=batch_size)
     return train, val
+
+
+@dataclass(frozen=True)
+class Data:
+    """Training and validation batches from one source, and where they came from.
+
+    ``train`` and ``val`` are re-iterable (a DataLoader or any iterable of ``(x, y)``); the train
+    loader draws its shuffle from torch's global generator, so seeding it before an epoch fixes the
+    order (:func:`morphir.grow` does).
+    """
+
+    train: Iterable[tuple[Any, Any]]
+    val: Iterable[tuple[Any, Any]]
+    source: str
+
+
+def _tensor_pair(arrays: Mapping[str, Any], source: str, x_key: str, y_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        x, y = torch.as_tensor(arrays[x_key]), torch.as_tensor(arrays[y_key])
+    except KeyError as exc:
+        raise DataError(f"{source}: no array named {exc.args[0]!r}; a data file holds 'x' and 'y' "
+                        "(and optionally 'x_val', 'y_val'); found: " + ", ".join(sorted(arrays)) or "nothing") from None
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise DataError(f"{source}: {x_key!r}/{y_key!r} are not numeric arrays: {exc}") from None
+    if x.dim() < 2:
+        raise DataError(f"{source}: {x_key!r} has shape {tuple(x.shape)}; expected (samples, features...) ")
+    if y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise DataError(f"{source}: {y_key!r} has shape {tuple(y.shape)}; expected one label per sample of "
+                        f"{x_key!r} ({x.shape[0]})")
+    if y.dtype.is_floating_point or y.dtype == torch.bool or y.dtype.is_complex:
+        raise DataError(f"{source}: {y_key!r} holds {y.dtype}; class labels must be integers")
+    x = x.float()
+    if not bool(torch.isfinite(x).all()):
+        raise DataError(f"{source}: {x_key!r} contains NaN or infinite values")
+    if x.shape[0] == 0:
+        raise DataError(f"{source}: {x_key!r} is empty")
+    return x, y.long()
+
+
+def _read_arrays(path: Path) -> Mapping[str, Any]:
+    source = str(path)
+    if not path.is_file():
+        raise DataError(f"{source}: no such data file")
+    try:
+        if path.suffix == ".npz":
+            import numpy as np
+
+            with np.load(path, allow_pickle=False) as f:
+                return {k: f[k] for k in f.files}
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any reader failure is a bad data file
+        raise DataError(f"{source}: cannot read the data file ({type(exc).__name__}: {exc}); "
+                        "write it with torch.save({'x': x, 'y': y}, path) or numpy.savez(path, x=x, y=y)") from None
+    if not isinstance(obj, Mapping):
+        raise DataError(f"{source}: holds a {type(obj).__name__}; expected a dict with 'x' and 'y'")
+    return obj
+
+
+def load_data(spec: str, *, seed: int = 0, batch_size: int = 64, val_fraction: float = 0.2) -> Data:
+    """Training and validation data from ``spec``.
+
+    ``digits``: scikit-learn's bundled set, split by ``seed``. ``FILE.pt`` (``torch.save`` of a
+    dict) or ``FILE.npz``: arrays ``x`` and ``y`` (integer labels), and optionally ``x_val`` and
+    ``y_val``; without them a ``val_fraction`` is held out by ``seed``. ``module:function``: an
+    importable function (the current directory is searched first) returning ``(train, val)``
+    iterables of ``(x, y)`` batches.
+
+    >>> data = load_data("digits", seed=0, batch_size=64)
+    >>> data = load_data("my_data.npz")
+    >>> data = load_data("my_project.data:loaders")
+    """
+    if spec == "digits":
+        train, val = digits_loaders(seed=seed, batch_size=batch_size, val_fraction=val_fraction)
+        return Data(_unseeded(train), val, "digits")
+    path = Path(spec)
+    if path.suffix in (".pt", ".pth", ".npz"):
+        arrays = _read_arrays(path)
+        x, y = _tensor_pair(arrays, spec, "x", "y")
+        if "x_val" in arrays or "y_val" in arrays:
+            xv, yv = _tensor_pair(arrays, spec, "x_val", "y_val")
+            if xv.shape[1:] != x.shape[1:]:
+                raise DataError(f"{spec}: 'x_val' samples have shape {tuple(xv.shape[1:])} but 'x' samples "
+                                f"{tuple(x.shape[1:])}")
+        else:
+            order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+            n_val = max(1, int(round(len(y) * val_fraction)))
+            if n_val >= len(y):
+                raise DataError(f"{spec}: {len(y)} samples are too few to hold out a validation set; add x_val, y_val")
+            x, y, xv, yv = x[order[n_val:]], y[order[n_val:]], x[order[:n_val]], y[order[:n_val]]
+        train = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True)
+        return Data(train, DataLoader(TensorDataset(xv, yv), batch_size=batch_size), spec)
+    if ":" in spec:
+        module_name, _, func_name = spec.partition(":")
+        try:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            func = getattr(importlib.import_module(module_name), func_name)
+        except (ImportError, AttributeError) as exc:
+            raise DataError(f"{spec}: cannot import the data function ({exc}); give module:function with the "
+                            "module importable from the current directory") from None
+        try:
+            loaders = func()
+            train, val = loaders
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{spec}: the data function must return (train, val) iterables of (x, y): {exc}") from None
+        return Data(train, val, spec)
+    raise DataError(f"{spec!r} is not a data source; use 'digits', a .pt or .npz file with x and y, or module:function")
+
+
+def _unseeded(loader: DataLoader) -> DataLoader:
+    """The same loader shuffling from torch's global generator (seeded per epoch by the caller)."""
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=True)
+
+
+def first_batch(batches: Iterable[tuple[Any, Any]], source: str) -> tuple[Any, Any]:
+    """The first ``(x, y)`` of ``batches``, or a :class:`DataError` saying the source is empty or malformed."""
+    try:
+        item = next(iter(batches))
+        x, y = item
+    except StopIteration:
+        raise DataError(f"{source}: yields no batches") from None
+    except (TypeError, ValueError):
+        raise DataError(f"{source}: batches must be (x, y) pairs") from None
+    return x, y

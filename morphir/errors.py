@@ -14,6 +14,10 @@ __all__ = [
     "PreservationError",
     "InvariantError",
     "LoadError",
+    "ExportError",
+    "DataError",
+    "TrainingError",
+    "CheckpointError",
 ]
 
 
@@ -43,3 +47,19 @@ class PreservationError(InvariantError):
 
 class LoadError(MorphirError):
     """A model file could not be loaded (missing, corrupt, or needs unsafe unpickling)."""
+
+
+class ExportError(MorphirError):
+    """An export (ONNX, torch.export, a compiled copy) or its check failed."""
+
+
+class DataError(MorphirError):
+    """A data source is missing, unreadable, malformed, or does not fit the model."""
+
+
+class TrainingError(MorphirError):
+    """Training diverged (a NaN or infinite loss)."""
+
+
+class CheckpointError(MorphirError):
+    """A checkpoint could not be written, read, or does not match the run being resumed."""

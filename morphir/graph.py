@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 import os
 import traceback
@@ -38,7 +40,8 @@ LeafPolicy = Callable[[torch.nn.Module, str], "bool | None"]
 class _Tracer(fx.Tracer):
     """torch.fx tracer whose leaf modules can be extended by types, qualified names or a policy."""
 
-    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str], policy: LeafPolicy | None):
+    def __init__(self, leaf_types: tuple[type, ...] = (), leaf_names: frozenset[str] = frozenset(),
+                 policy: LeafPolicy | None = None):  # defaults: unpickling a saved GraphModule builds one bare
         super().__init__()
         self._leaf_types = leaf_types
         self._leaf_names = leaf_names
@@ -130,12 +133,18 @@ class MorphGraph:
         was_training = self.module.training
         self.module.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints tracebacks
                 ShapeProp(self.module).propagate(*self.example_inputs)
         except Exception as exc:  # noqa: BLE001 - turned into a typed error with context
             shapes = [tuple(t.shape) for t in self.example_inputs if isinstance(t, torch.Tensor)]
+            cause = exc
+            while cause.__cause__ is not None:  # ShapeProp wraps the op's error with a traceback text
+                cause = cause.__cause__
+            node = getattr(exc, "node", None) or ""
+            lines = [line for line in str(cause).strip().splitlines() if line.strip()]
+            reason = f"{type(cause).__name__}: {lines[-1] if lines else cause}"
             raise TraceError(
-                f"the example inputs (shapes {shapes}) do not fit the model: {exc}. "
+                f"the example inputs (shapes {shapes}) do not fit the model{f' at {node}' if node else ''}: {reason}. "
                 "Pass example inputs of the shape the model expects (e.g. --input-shape 1,3,32,32)."
             ) from exc
         finally:
@@ -329,6 +338,11 @@ def trace(
         fx_graph = tracer.trace(source, concrete_args=concrete_args)
     except Exception as exc:  # noqa: BLE001 - any tracing failure becomes a TraceError with a location
         raise TraceError(_explain_trace_failure(model, exc)) from exc
+    for node in fx_graph.nodes:
+        # string annotations (``from __future__ import annotations``) become string globals of the
+        # generated code, which GraphModule cannot pickle: drop them, they carry no semantics here
+        if isinstance(node.type, str):
+            node.type = None
     gm = fx.GraphModule(tracer.root, fx_graph, type(model).__name__)
     gm.train(model.training)
     return MorphGraph(gm, inputs, probe_inputs=probe_inputs, rules=rules)

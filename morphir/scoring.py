@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from morphir.channels import ChannelGroup
 from morphir.engine import apply, default_registry
-from morphir.errors import MorphirError, MorphismError
+from morphir.errors import MorphirError, MorphismError, TrainingError
 from morphir.graph import MorphGraph
 from morphir.morphism import Candidate, Morphism, Registry
 
@@ -200,7 +200,7 @@ class Capturer:
             out, values, aliases = self.module(*inputs)
             losses = per_sample_losses(loss_fn, out, y)
             if not bool(torch.isfinite(losses).all()):
-                raise MorphirError("the loss is NaN or infinite on this batch; check the data and the model before scoring")
+                raise TrainingError("the loss is NaN or infinite on this batch; check the data and the model before scoring")
             wanted = [values[n] for n in self.grad_nodes]
             targets = wanted + [aliases[n] for n in self.alias_names]
             grads = torch.autograd.grad(losses.sum(), targets, allow_unused=True) if targets else []

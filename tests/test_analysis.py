@@ -5,7 +5,6 @@ import torch.nn as nn
 
 import morphir
 from conftest import build_graph
-from models import EXTRA_MODELS
 
 
 def test_resnet_residual_stream_is_one_growable_group_and_splitting_it_keeps_the_function() -> None:

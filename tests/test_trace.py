@@ -63,3 +63,15 @@ def test_trace_leaves_the_model_untouched() -> None:
     g = morphir.trace(model, torch.randn(1, 4))
     morphir.apply(g, morphir.candidates(g, "split"))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_traced_graph_modules_save_and_load_even_with_string_annotations(tmp_path) -> None:
+    # the zoo's forward methods use `from __future__ import annotations`: fx would keep
+    # 'torch.Tensor' as a string global that torch.save cannot pickle
+    g = morphir.trace(morphir.zoo.build("vgg19", (1, 8, 8), 10), torch.zeros(1, 1, 8, 8))
+    grown = morphir.apply(g, morphir.candidates(g, "split")[:3])
+    path = tmp_path / "grown.pt"
+    torch.save(grown.module, path)
+    loaded = torch.load(path, weights_only=False)
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(loaded.eval()(x), grown.module.eval()(x))

@@ -1,0 +1,686 @@
+"""The growth loop (Algorithm 1 of Lawton, Galstyan, Ver Steeg, arXiv 2411.05855).
+
+Each phase trains the weights with the architecture frozen (SGD, Nesterov momentum, a cosine
+learning rate over the whole run), then, except after the last phase, grows: with the weights
+frozen the scoring pass learns θ and estimates ΔL for every candidate, and a morphism is applied
+when −ΔL > λ·ΔR (ΔR: its change of parameters or FLOPs). Splits and prunes compete on that one
+scale; at most the top ``top_fraction`` of the positive morphisms of a group are applied per
+phase, and a group is never pruned to zero. Every rewrite goes through the engine's preservation
+check, and the optimizer's state follows every parameter through it.
+
+>>> result = morphir.grow(model, train, val, F.cross_entropy, lam=1e-5, phases=4, phase_epochs=3)
+>>> result.graph.num_params(), result.metrics[-1]["val_accuracy"]
+
+With ``run_dir`` a checkpoint is written atomically after every phase (and before the first),
+with ``metrics.jsonl``; ``resume=True`` continues from it and ends with the same architecture and
+metrics as an uninterrupted run with the same seed (every epoch's shuffle and every scoring pass
+is seeded from the seed and its position in the run).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from morphir.engine import candidates as all_candidates
+from morphir.engine import default_registry, rewrite
+from morphir.errors import CheckpointError, DataError, MorphirError, TrainingError
+from morphir.graph import MorphGraph, trace
+from morphir.morphism import Candidate, Registry, Site
+from morphir.optim_state import rebuild_optimizer
+from morphir.scoring import LossFn, ScoreConfig, score
+
+__all__ = ["GrowConfig", "GrowResult", "grow", "select", "count_flops", "retrain", "CHECKPOINT", "METRICS"]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class GrowConfig:
+    """Everything that decides a growth run (checkpoints refuse to resume under a different one).
+
+    ``lam``: λ of the criterion −ΔL > λ·ΔR; ``resource``: ΔR counts ``"params"`` or ``"flops"``
+    (per sample). ``phases``: training phases (a growth step follows each but the last);
+    ``phase_epochs``: epochs per phase. ``top_fraction``: at most this share (rounded up) of a
+    group's positive morphisms applied per phase. ``lr``, ``momentum``, ``weight_decay``,
+    ``nesterov``: SGD; the learning rate follows a cosine from ``lr`` over all epochs.
+    ``score_batches``: training batches the scoring pass learns θ on (None: a whole epoch);
+    ``score``: the scoring pass's own knobs. ``theta``: ``"learned"`` (the method) or ``"random"``
+    (θ stays at its random start: Net2Net-style noise, the ablation). ``seed``: every shuffle,
+    initial θ and scoring pass derives from it.
+    """
+
+    lam: float = 2e-6
+    resource: Literal["params", "flops"] = "params"
+    phases: int = 4
+    phase_epochs: int = 4
+    top_fraction: float = 0.3
+    morphisms: tuple[str, ...] = ("split", "prune")
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = True
+    score_batches: int | None = 8
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    theta: Literal["learned", "random"] = "learned"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.resource not in ("params", "flops"):
+            raise MorphirError(f"resource must be 'params' or 'flops', got {self.resource!r}")
+        if self.theta not in ("learned", "random"):
+            raise MorphirError(f"theta must be 'learned' or 'random', got {self.theta!r}")
+        if self.phases < 1 or self.phase_epochs < 1:
+            raise MorphirError(f"phases and phase_epochs must be at least 1, got {self.phases} and {self.phase_epochs}")
+        if not 0 < self.top_fraction <= 1:
+            raise MorphirError(f"top_fraction must be in (0, 1], got {self.top_fraction}")
+        if self.lam < 0:
+            raise MorphirError(f"lam must be non-negative, got {self.lam}")
+
+    @property
+    def epochs(self) -> int:
+        """Total training epochs of the run."""
+        return self.phases * self.phase_epochs
+
+    def as_dict(self) -> dict[str, Any]:
+        """The config as plain JSON values."""
+        out = dataclasses.asdict(self)
+        out["morphisms"] = list(self.morphisms)
+        return out
+
+
+@dataclass
+class GrowResult:
+    """What a growth run produced: the grown graph, one metrics record per phase, the growth log.
+
+    ``log[k]`` lists the morphisms applied after phase k+1 as ``{"morphism", "anchor", "index",
+    "variant", "theta"}``; ``retrained`` is filled by :func:`retrain`.
+    """
+
+    graph: MorphGraph
+    metrics: list[dict[str, Any]]
+    log: list[list[dict[str, Any]]]
+    seed_params: int
+    seed_flops: int
+    seconds: float
+    config: GrowConfig
+    retrained: dict[str, Any] | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """The run in a few numbers (what ``summary.json`` holds)."""
+        last = self.metrics[-1] if self.metrics else {}
+        out = {
+            "seed_params": self.seed_params,
+            "seed_flops": self.seed_flops,
+            "final_params": self.graph.num_params(),
+            "final_flops": count_flops(self.graph),
+            "val_accuracy": last.get("val_accuracy"),
+            "val_loss": last.get("val_loss"),
+            "train_loss": last.get("train_loss"),
+            "phases": len(self.metrics),
+            "epochs": sum(1 for _ in range(len(self.metrics) * self.config.phase_epochs)),
+            "morphisms_applied": _count_applied(self.metrics),
+            "seconds": round(self.seconds, 2),
+            "lam": self.config.lam,
+            "resource": self.config.resource,
+            "seed": self.config.seed,
+        }
+        if self.retrained is not None:
+            out["retrain"] = self.retrained
+        return out
+
+
+def _count_applied(metrics: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    total: dict[str, int] = defaultdict(int)
+    for m in metrics:
+        for k, v in m.get("applied", {}).items():
+            total[k] += v
+    return dict(total)
+
+
+# -- measuring ------------------------------------------------------------------------------------
+def count_flops(graph: MorphGraph) -> int:
+    """FLOPs of one forward pass per sample (2 × multiply-accumulates), counted by torch's flop counter.
+
+    >>> count_flops(g)
+    """
+    x = tuple(t[:1] if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in graph.example_inputs)
+    module = graph.module
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            module(*x)
+    finally:
+        module.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def _widths(graph: MorphGraph) -> dict[str, int]:
+    return {grp.name: grp.width for grp in graph.groups if grp.growable}
+
+
+# -- selection ------------------------------------------------------------------------------------
+def _cost(c: Candidate, resource: str) -> int:
+    return c.delta_params if resource == "params" else c.delta_flops
+
+
+def select(
+    cands: Iterable[Candidate],
+    graph: MorphGraph,
+    *,
+    lam: float,
+    resource: str = "params",
+    top_fraction: float = 0.3,
+) -> list[Candidate]:
+    """The scored candidates to apply: −ΔL > λ·ΔR, best first, at most ``top_fraction`` (rounded up)
+    of each group's positive ones, one morphism per channel, never a group pruned to zero.
+
+    The margin −ΔL − λ·ΔR ranks splits (ΔR > 0) and prunes (ΔR < 0) on one scale.
+
+    >>> chosen = select(morphir.score(g, batches, F.cross_entropy), g, lam=1e-5)
+    """
+    positive: dict[str, dict[tuple[int | None, str | None], tuple[float, Candidate]]] = defaultdict(dict)
+    for c in cands:
+        if c.estimate is None or not math.isfinite(c.estimate):
+            continue
+        margin = -c.estimate - lam * _cost(c, resource)
+        if margin <= 0:
+            continue
+        slot = (c.site.index, c.site.variant)
+        best = positive[c.site.anchor].get(slot)
+        if best is None or margin > best[0]:
+            positive[c.site.anchor][slot] = (margin, c)
+    chosen: list[Candidate] = []
+    for anchor, slots in positive.items():
+        ranked = sorted(slots.values(), key=lambda mc: (-mc[0], mc[1].name, mc[1].site))
+        keep = math.ceil(top_fraction * len(ranked))
+        width = _group_width(graph, anchor)
+        pruned = 0
+        for _, c in ranked:
+            if keep == 0:
+                break
+            if c.name == "prune":
+                if width is not None and pruned + 1 >= width:
+                    continue  # never prune a group to zero channels
+                pruned += 1
+            chosen.append(c)
+            keep -= 1
+    return chosen
+
+
+def _group_width(graph: MorphGraph, anchor: str) -> int | None:
+    try:
+        return graph.group(anchor).width
+    except MorphirError:
+        return None
+
+
+# -- training -------------------------------------------------------------------------------------
+def _seed_for(seed: int, *where: int) -> int:
+    value = seed
+    for w in where:
+        value = (value * 1_000_003 + w + 1) % (2**62)
+    return value
+
+
+def _optimizer(module: nn.Module, cfg: GrowConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           weight_decay=cfg.weight_decay)
+
+
+def _lr_at(cfg: GrowConfig, epoch: int, total: int) -> float:
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * epoch / max(total, 1)))
+
+
+def _train_epoch(module: nn.Module, opt: torch.optim.Optimizer, batches: Iterable[tuple[Any, Any]], loss_fn: LossFn,
+                 where: str, device: torch.device) -> float:
+    module.train()
+    total, count = 0.0, 0
+    for step, (x, y) in enumerate(batches):
+        x, y = _to(x, device), _to(y, device)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(module(*(x if isinstance(x, tuple) else (x,))), y)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TrainingError(f"the training loss became {value} at {where}, step {step + 1}")
+        loss.backward()
+        opt.step()
+        n = len(y) if hasattr(y, "__len__") else 1
+        total += value * n
+        count += n
+    if count == 0:
+        raise DataError(f"the training data yielded no batches at {where}")
+    return total / count
+
+
+@torch.no_grad()
+def _evaluate(module: nn.Module, batches: Iterable[tuple[Any, Any]], loss_fn: LossFn, device: torch.device) -> tuple[float, float | None]:
+    was_training = module.training
+    module.eval()
+    total, correct, count, classify = 0.0, 0, 0, True
+    try:
+        for x, y in batches:
+            x, y = _to(x, device), _to(y, device)
+            out = module(*(x if isinstance(x, tuple) else (x,)))
+            n = len(y)
+            total += float(loss_fn(out, y)) * n
+            if classify and isinstance(out, torch.Tensor) and out.dim() == 2 and not y.dtype.is_floating_point:
+                correct += int((out.argmax(1) == y).sum())
+            else:
+                classify = False
+            count += n
+    finally:
+        module.train(was_training)
+    if count == 0:
+        raise DataError("the validation data yielded no batches")
+    return total / count, (correct / count if classify else None)
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, tuple):
+        return tuple(_to(t, device) for t in x)
+    return x
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+def atomic_write(path: Path, write: Callable[[Any], None], *, binary: bool = True) -> None:
+    """Write ``path`` through a temporary file in its directory, flushed and renamed into place:
+    a crash or a full disk mid-write never leaves a broken file, and an existing file stays until
+    the new one is complete.
+
+    >>> atomic_write(Path("run/summary.json"), lambda f: f.write(text), binary=False)
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with _suppress():
+            os.unlink(tmp)
+        raise
+
+
+class _suppress:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> bool:
+        return True
+
+
+def _state_by_name(module: nn.Module, opt: torch.optim.Optimizer) -> dict[str, dict[str, Any]]:
+    return {name: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[p].items()}
+            for name, p in module.named_parameters() if p in opt.state}
+
+
+def _load_state(module: nn.Module, opt: torch.optim.Optimizer, state: Mapping[str, Mapping[str, Any]]) -> None:
+    params = dict(module.named_parameters())
+    for name, st in state.items():
+        if name in params:
+            opt.state[params[name]] = dict(st)
+
+
+def _write_metrics(run_dir: Path, metrics: Sequence[Mapping[str, Any]]) -> None:
+    text = "".join(json.dumps(m) + "\n" for m in metrics)
+    atomic_write(run_dir / METRICS, lambda f: f.write(text), binary=False)
+
+
+# -- the loop -------------------------------------------------------------------------------------
+@dataclass
+class _State:
+    graph: MorphGraph
+    opt: torch.optim.Optimizer
+    phase: int  # phases finished
+    metrics: list[dict[str, Any]]
+    log: list[list[dict[str, Any]]]
+    seconds: float
+
+
+def _checkpoint(state: _State, cfg: GrowConfig, identity: str) -> dict[str, Any]:
+    return {
+        "format": _FORMAT,
+        "identity": identity,
+        "config": json.dumps(cfg.as_dict(), sort_keys=True),
+        "phase": state.phase,
+        "log": state.log,
+        "model_state": {k: v.detach().clone() for k, v in state.graph.module.state_dict().items()},
+        "optimizer_state": _state_by_name(state.graph.module, state.opt),
+        "metrics": json.dumps(state.metrics),
+        "seconds": state.seconds,
+    }
+
+
+def _save_checkpoint(run_dir: Path, ckpt: Mapping[str, Any]) -> None:
+    path = run_dir / CHECKPOINT
+    try:
+        atomic_write(path, lambda f: torch.save(dict(ckpt), f))
+        _write_metrics(run_dir, json.loads(ckpt["metrics"]))
+    except OSError as exc:
+        kept = "the previous checkpoint is kept" if path.exists() else "no checkpoint was written yet"
+        raise CheckpointError(
+            f"could not write the checkpoint after phase {ckpt['phase']} to {path} ({exc.strerror or exc}); "
+            f"{kept}. Free space and continue with --resume."
+        ) from exc
+
+
+def _read_checkpoint(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / CHECKPOINT
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no checkpoint to resume from; start the run without --resume")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to read is a corrupt checkpoint
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(exc).__name__}: {exc}); "
+                              "it may be corrupt: start a fresh run in another directory") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != _FORMAT:
+        raise CheckpointError(f"{path}: not a morphir growth checkpoint (format {_FORMAT})")
+    return ckpt
+
+
+def _log_entry(c: Candidate) -> dict[str, Any]:
+    # a prune's θ is its default (the channel's incoming weights at that moment): replaying it with
+    # the default reproduces the same structure whatever the weights are then
+    learnable = getattr(c.morphism, "learnable", True)
+    theta = c.theta.detach().clone() if (learnable and c.theta is not None) else None
+    return {"morphism": c.name, "anchor": c.site.anchor, "index": c.site.index, "variant": c.site.variant, "theta": theta}
+
+
+def _replay(graph: MorphGraph, log_: Sequence[Sequence[Mapping[str, Any]]], registry: Registry) -> MorphGraph:
+    """Re-apply the logged rewrites (structure only: weights are loaded afterwards)."""
+    for k, entries in enumerate(log_):
+        chosen: list[Candidate] = []
+        thetas: dict[Candidate, torch.Tensor] = {}
+        by_name: dict[str, dict[Site, Candidate]] = {}
+        for e in entries:
+            name = e["morphism"]
+            if name not in by_name:
+                by_name[name] = {c.site: c for c in all_candidates(graph, name, registry=registry)}
+            site = Site(e["anchor"], e["index"], e["variant"])
+            cand = by_name[name].get(site)
+            if cand is None:
+                raise CheckpointError(f"the checkpoint's growth step {k + 1} applies {name}@{site}, which this model "
+                                      "does not have: it was made from a different model")
+            chosen.append(cand)
+            if e["theta"] is not None:
+                thetas[cand] = e["theta"]
+        graph = rewrite(graph, chosen, thetas, verify=False).graph
+    return graph
+
+
+def _align_biases(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Whether a prune folded a bias into a layer without one depends on the weights of that moment,
+    so a replay on other weights may differ there: give each layer the bias the checkpoint has."""
+    current = dict(module.named_parameters())
+    for key in set(state) ^ set(current):
+        owner, _, attr = key.rpartition(".")
+        if attr != "bias":
+            continue
+        layer = module.get_submodule(owner)
+        if key in state and getattr(layer, "bias", "absent") is None:
+            layer.bias = nn.Parameter(torch.zeros_like(state[key]))
+        elif key not in state and isinstance(getattr(layer, "bias", None), nn.Parameter):
+            layer.bias = None
+
+
+def _restore(seed_graph: MorphGraph, ckpt: Mapping[str, Any], cfg: GrowConfig, registry: Registry,
+             device: torch.device) -> _State:
+    graph = _replay(seed_graph, ckpt["log"], registry)
+    module = graph.module
+    _align_biases(module, ckpt["model_state"])
+    expected = {k: tuple(v.shape) for k, v in ckpt["model_state"].items()}
+    actual = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    if expected != actual:
+        diff = sorted(set(expected.items()) ^ set(actual.items()))[:4]
+        raise CheckpointError("the checkpoint's weights do not fit the replayed architecture (e.g. "
+                              + ", ".join(f"{k} {shape}" for k, shape in diff) + "): it was made from a different model")
+    module.load_state_dict(ckpt["model_state"])
+    module.to(device)
+    opt = _optimizer(module, cfg)
+    _load_state(module, opt, ckpt["optimizer_state"])
+    return _State(graph, opt, int(ckpt["phase"]), json.loads(ckpt["metrics"]), list(ckpt["log"]), float(ckpt["seconds"]))
+
+
+def _progress(enabled: bool | None) -> bool:
+    return sys.stderr.isatty() if enabled is None else enabled
+
+
+def grow(
+    model: nn.Module | MorphGraph,
+    train: Iterable[tuple[Any, Any]],
+    val: Iterable[tuple[Any, Any]],
+    loss_fn: LossFn,
+    *,
+    config: GrowConfig | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    identity: str = "",
+    registry: Registry | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool | None = None,
+    on_phase: Callable[[dict[str, Any]], None] | None = None,
+    **options: Any,
+) -> GrowResult:
+    """Grow ``model`` while it trains (Algorithm 1); returns a :class:`GrowResult`.
+
+    ``train``/``val``: re-iterable ``(x, y)`` batches (a DataLoader; its shuffle is seeded per
+    epoch); ``loss_fn(output, y)``: a mean loss. Options are :class:`GrowConfig` fields, given as
+    ``config`` or keywords (``lam``, ``resource``, ``phases``, ``phase_epochs``, ``top_fraction``,
+    ...). ``run_dir``: write ``checkpoint.pt`` and ``metrics.jsonl`` there after every phase;
+    ``resume``: continue from that checkpoint (``identity`` names the model, so a checkpoint of
+    another model is refused). ``on_phase`` is called with each phase's metrics record.
+
+    A NaN or infinite loss stops the run with :class:`TrainingError`; the checkpoint of the last
+    finished phase is left as it was.
+
+    >>> res = morphir.grow(model, train, val, F.cross_entropy, lam=1e-5, phases=3, phase_epochs=2, run_dir="run")
+    """
+    from tqdm.auto import tqdm
+
+    cfg = dataclasses.replace(config or GrowConfig(), **options)
+    registry = registry or default_registry()
+    dev = torch.device(device)
+    if isinstance(model, MorphGraph):
+        seed_graph = model.copy()
+    else:
+        x0, _ = next(iter(train))
+        seed_graph = trace(copy.deepcopy(model), tuple(t[:1] for t in (x0 if isinstance(x0, tuple) else (x0,))))
+    seed_params, seed_flops = seed_graph.num_params(), count_flops(seed_graph)
+    out_dir = Path(run_dir) if run_dir is not None else None
+    config_json = json.dumps(cfg.as_dict(), sort_keys=True)
+
+    if resume:
+        if out_dir is None:
+            raise CheckpointError("resume needs the run directory of the run to continue")
+        ckpt = _read_checkpoint(out_dir)
+        if ckpt["identity"] != identity:
+            raise CheckpointError(f"{out_dir / CHECKPOINT} belongs to {ckpt['identity']!r}, not {identity!r}")
+        if ckpt["config"] != config_json:
+            old, new = json.loads(ckpt["config"]), cfg.as_dict()
+            diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k))
+            raise CheckpointError(f"{out_dir / CHECKPOINT} was made with other settings ({diff}); resume with the same ones")
+        state = _restore(seed_graph, ckpt, cfg, registry, dev)
+        log.info("resuming after phase %d of %d from %s", state.phase, cfg.phases, out_dir)
+    else:
+        seed_graph.module.to(dev)
+        state = _State(seed_graph, _optimizer(seed_graph.module, cfg), 0, [], [], 0.0)
+        if out_dir is not None:
+            _save_checkpoint(out_dir, _checkpoint(state, cfg, identity))
+
+    show = _progress(progress)
+    phases_bar = tqdm(total=cfg.phases, initial=state.phase, desc="phases", unit="phase", disable=not show,
+                      dynamic_ncols=True)
+    try:
+        while state.phase < cfg.phases:
+            _run_phase(state, cfg, train, val, loss_fn, registry, dev, show, out_dir)
+            if out_dir is not None:
+                _save_checkpoint(out_dir, _checkpoint(state, cfg, identity))
+            phases_bar.update(1)
+            record = state.metrics[-1]
+            log.info(_phase_line(record))
+            if on_phase is not None:
+                on_phase(record)
+    finally:
+        phases_bar.close()
+    state.graph.module.eval()
+    return GrowResult(state.graph, state.metrics, state.log, seed_params, seed_flops, state.seconds, cfg)
+
+
+def _phase_line(m: Mapping[str, Any]) -> str:
+    applied = ", ".join(f"{v} {k}" for k, v in sorted(m.get("applied", {}).items())) or "none"
+    acc = m.get("val_accuracy")
+    acc_text = f"val acc {acc:.3f}, " if acc is not None else ""
+    return (f"phase {m['phase']}: train loss {m['train_loss']:.4f}, val loss {m['val_loss']:.4f}, {acc_text}"
+            f"{m['params']:,} params, {m['flops']:,} FLOPs; grew: {applied} ({m['seconds']:.1f} s)")
+
+
+def _run_phase(state: _State, cfg: GrowConfig, train: Iterable[tuple[Any, Any]], val: Iterable[tuple[Any, Any]],
+               loss_fn: LossFn, registry: Registry, device: torch.device, show: bool, out_dir: Path | None) -> None:
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    k = state.phase + 1
+    module = state.graph.module
+    train_loss = float("nan")
+    first_epoch = state.phase * cfg.phase_epochs
+    where_ckpt = f"; the checkpoint after phase {state.phase} in {out_dir} is intact" if out_dir else ""
+    for e in tqdm(range(first_epoch, first_epoch + cfg.phase_epochs), desc=f"phase {k} epochs", unit="epoch",
+                  leave=False, disable=not show, dynamic_ncols=True):
+        for group in state.opt.param_groups:
+            group["lr"] = _lr_at(cfg, e, cfg.epochs)
+        torch.manual_seed(_seed_for(cfg.seed, 0, e))
+        try:
+            train_loss = _train_epoch(module, state.opt, train, loss_fn, f"phase {k}, epoch {e + 1}", device)
+        except TrainingError as exc:
+            raise TrainingError(f"{exc}; the run stopped{where_ckpt}. Lower the learning rate (--lr) or check "
+                                "the data, then resume") from None
+    val_loss, val_acc = _evaluate(module, val, loss_fn, device)
+    if not math.isfinite(val_loss):
+        raise TrainingError(f"the validation loss became {val_loss} in phase {k}; the run stopped{where_ckpt}")
+    record: dict[str, Any] = {
+        "phase": k,
+        "epochs": first_epoch + cfg.phase_epochs,
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "val_accuracy": val_acc,
+        "lr": _lr_at(cfg, first_epoch, cfg.epochs),
+        "params": state.graph.num_params(),
+        "flops": count_flops(state.graph),
+        "widths": _widths(state.graph),
+        "applied": {},
+        "chosen": {},
+    }
+    if k < cfg.phases:
+        try:
+            _grow_step(state, cfg, train, loss_fn, registry, record, k)
+        except TrainingError as exc:
+            raise TrainingError(f"scoring after phase {k} failed: {exc}; the run stopped{where_ckpt}") from None
+    record["seconds"] = round(time.perf_counter() - start, 3)
+    state.seconds += record["seconds"]
+    state.metrics.append(record)
+    state.phase = k
+
+
+def _grow_step(state: _State, cfg: GrowConfig, train: Iterable[tuple[Any, Any]], loss_fn: LossFn,
+               registry: Registry, record: dict[str, Any], k: int) -> None:
+    graph = state.graph
+    score_cfg = dataclasses.replace(cfg.score, seed=_seed_for(cfg.seed, 1, k) % (2**31),
+                                    lr=0.0 if cfg.theta == "random" else cfg.score.lr)
+    torch.manual_seed(_seed_for(cfg.seed, 2, k))
+
+    def batches() -> Iterable[tuple[Any, Any]]:
+        it = iter(train)
+        return it if cfg.score_batches is None else itertools.islice(it, cfg.score_batches)
+
+    device = next(iter(graph.module.parameters()), torch.zeros(())).device
+    cands = score(graph, lambda: ((_to(x, device), _to(y, device)) for x, y in batches()), loss_fn,
+                  cfg.morphisms, config=score_cfg, registry=registry)
+    chosen = select(cands, graph, lam=cfg.lam, resource=cfg.resource, top_fraction=cfg.top_fraction)
+    applied: dict[str, int] = defaultdict(int)
+    where: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for c in chosen:
+        applied[c.name] += 1
+        if c.site.index is not None:
+            where[c.name][c.site.anchor].append(c.site.index)
+    record["applied"] = dict(applied)
+    record["chosen"] = {name: {g: sorted(ix) for g, ix in groups.items()} for name, groups in where.items()}
+    record["estimated_gain"] = -sum(c.estimate for c in chosen)
+    if not chosen:
+        state.log.append([])
+        return
+    result = rewrite(graph, chosen, "learned")
+    state.opt = rebuild_optimizer(state.opt, graph.module, result.graph.module, result.param_edits)
+    state.graph = result.graph
+    state.log.append([_log_entry(c) for c in chosen])
+
+
+# -- retraining the found architecture from scratch -------------------------------------------------
+def _reinitialise(module: nn.Module, seed: int) -> None:
+    torch.manual_seed(seed)
+    for m in module.modules():
+        if hasattr(m, "reset_parameters") and callable(m.reset_parameters):
+            m.reset_parameters()
+        if hasattr(m, "reset_running_stats") and callable(m.reset_running_stats):
+            m.reset_running_stats()
+
+
+def retrain(
+    result: GrowResult,
+    train: Iterable[tuple[Any, Any]],
+    val: Iterable[tuple[Any, Any]],
+    loss_fn: LossFn,
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Reinitialise the grown architecture and train it from scratch for the run's number of epochs
+    with the same optimizer and schedule (the paper's protocol); stores and returns its metrics.
+
+    >>> morphir.retrain(result, train, val, F.cross_entropy)["val_accuracy"]
+    """
+    from tqdm.auto import tqdm
+
+    cfg = result.config
+    module = copy.deepcopy(result.graph.module).to(torch.device(device))
+    _reinitialise(module, _seed_for(cfg.seed, 3))
+    opt = _optimizer(module, cfg)
+    epochs = len(result.metrics) * cfg.phase_epochs
+    start = time.perf_counter()
+    train_loss = float("nan")
+    for e in tqdm(range(epochs), desc="retrain", unit="epoch", leave=False, disable=not _progress(progress)):
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(cfg, e, epochs)
+        torch.manual_seed(_seed_for(cfg.seed, 4, e))
+        train_loss = _train_epoch(module, opt, train, loss_fn, f"retraining, epoch {e + 1}", torch.device(device))
+    val_loss, val_acc = _evaluate(module, val, loss_fn, torch.device(device))
+    result.retrained = {"train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc, "epochs": epochs,
+                        "params": sum(p.numel() for p in module.parameters()),
+                        "seconds": round(time.perf_counter() - start, 3)}
+    return result.retrained

@@ -1,0 +1,278 @@
+"""The growth loop: selection, phases, optimizer carry-over, checkpoints, resume, faults, CLI outputs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import morphir
+from morphir.cli import main
+from morphir.data import digits_tensors
+from morphir.grow import CHECKPOINT, select
+
+FAST = dict(phases=3, phase_epochs=1, score_batches=2, lam=0.0)
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 16, 10))
+
+
+def loaders(n: int = 320, batch: int = 32):
+    xt, yt, xv, yv = digits_tensors(seed=0)
+    train = DataLoader(TensorDataset(xt[:n], yt[:n]), batch_size=batch, shuffle=True)
+    val = DataLoader(TensorDataset(xv[:128], yv[:128]), batch_size=64)
+    return train, val
+
+
+@pytest.fixture
+def npz(tmp_path: Path) -> Path:
+    xt, yt, xv, yv = digits_tensors(seed=0)
+    path = tmp_path / "digits_small.npz"
+    np.savez(path, x=xt[:192].numpy(), y=yt[:192].numpy(), x_val=xv[:64].numpy(), y_val=yv[:64].numpy())
+    return path
+
+
+# -- selection -----------------------------------------------------------------------------------------
+def scored(graph, name, index, estimate, dparams):
+    c = next(c for c in morphir.candidates(graph, name) if c.site.index == index and c.site.anchor == "0")
+    c.estimate, c.delta_params = estimate, dparams
+    return c
+
+
+def test_select_applies_the_criterion_top_fraction_one_morphism_per_channel_and_never_empties_a_group() -> None:
+    g = morphir.trace(small_net(), torch.zeros(1, 1, 8, 8))
+    cands = [
+        scored(g, "split", 0, -0.50, 100),  # margin 0.5 - 0.1 = 0.4
+        scored(g, "prune", 0, -0.60, -100),  # margin 0.7: beats the split of the same channel
+        scored(g, "split", 1, -0.05, 100),  # margin -0.05: rejected
+        scored(g, "prune", 2, 0.05, -100),  # margin 0.05
+        scored(g, "split", 3, -0.30, 100),  # margin 0.2
+    ]
+    chosen = select(cands, g, lam=1e-3, top_fraction=1.0)
+    assert [(c.name, c.site.index) for c in chosen] == [("prune", 0), ("split", 3), ("prune", 2)]
+    # top 30 % of 3 positive morphisms, rounded up: 1
+    assert [(c.name, c.site.index) for c in select(cands, g, lam=1e-3, top_fraction=0.3)] == [("prune", 0)]
+    # λ = 0: the split at channel 1 qualifies too; the prune at channel 2 (ΔL > 0) still does not
+    assert [(c.name, c.site.index) for c in select(cands, g, lam=0.0, top_fraction=1.0)] == [
+        ("prune", 0), ("split", 3), ("split", 1)]
+    prunes = [scored(g, "prune", i, -1.0 - i, -10) for i in range(6)]
+    kept = select(prunes, g, lam=0.0, top_fraction=1.0)
+    assert len(kept) == 5  # a group of 6 channels keeps at least one
+
+
+# -- the loop ------------------------------------------------------------------------------------------
+def test_grow_runs_phases_grows_and_records_metrics() -> None:
+    train, val = loaders()
+    res = morphir.grow(small_net(), train, val, F.cross_entropy, progress=False, **FAST)
+    assert [m["phase"] for m in res.metrics] == [1, 2, 3]
+    assert [m["epochs"] for m in res.metrics] == [1, 2, 3]
+    for m in res.metrics:
+        assert set(m) >= {"train_loss", "val_loss", "val_accuracy", "params", "flops", "widths", "applied", "seconds"}
+        assert 0.0 <= m["val_accuracy"] <= 1.0 and m["params"] > 0 and m["flops"] > 0
+    assert res.metrics[-1]["applied"] == {}  # no growth after the last phase
+    assert sum(sum(m["applied"].values()) for m in res.metrics) > 0  # λ = 0: every helpful morphism qualifies
+    assert res.metrics[1]["widths"] != res.metrics[0]["widths"]
+    assert res.metrics[-1]["params"] == res.graph.num_params() == res.summary()["final_params"]
+    assert res.summary()["seed_params"] == sum(p.numel() for p in small_net().parameters())
+    # the learning rate follows one cosine over all epochs, across rewrites
+    assert res.metrics[0]["lr"] == pytest.approx(0.05 * 0.5 * (1 + np.cos(np.pi * 0 / 3)))
+    assert res.metrics[2]["lr"] == pytest.approx(0.05 * 0.5 * (1 + np.cos(np.pi * 2 / 3)))
+    # the grown network is a working model with the width changes the metrics report
+    widths = res.metrics[-1]["widths"]
+    assert res.graph.group("0").width == widths["0"]
+    assert res.graph.module(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_growth_is_deterministic_for_a_seed() -> None:
+    train, val = loaders()
+    a = morphir.grow(small_net(), train, val, F.cross_entropy, progress=False, **FAST)
+    b = morphir.grow(small_net(), train, val, F.cross_entropy, progress=False, **FAST)
+    strip = lambda ms: [{k: v for k, v in m.items() if k != "seconds"} for m in ms]  # noqa: E731
+    assert strip(a.metrics) == strip(b.metrics)
+    sa, sb = a.graph.module.state_dict(), b.graph.module.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_resume_after_a_crash_ends_like_an_uninterrupted_run(tmp_path: Path) -> None:
+    train, val = loaders()
+    full = morphir.grow(small_net(), train, val, F.cross_entropy, progress=False, run_dir=tmp_path / "a", **FAST)
+
+    def crash(record):
+        if record["phase"] == 2:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError):
+        morphir.grow(small_net(), train, val, F.cross_entropy, progress=False, run_dir=tmp_path / "b",
+                     on_phase=crash, **FAST)
+    assert torch.load(tmp_path / "b" / CHECKPOINT, weights_only=True)["phase"] == 2
+    resumed = morphir.grow(small_net(), train, val, F.cross_entropy, progress=False, run_dir=tmp_path / "b",
+                           resume=True, **FAST)
+    strip = lambda ms: [{k: v for k, v in m.items() if k != "seconds"} for m in ms]  # noqa: E731
+    assert strip(resumed.metrics) == strip(full.metrics)
+    sa, sb = full.graph.module.state_dict(), resumed.graph.module.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["phase"] for line in lines] == [1, 2, 3]
+    # other settings are refused, naming the difference
+    with pytest.raises(morphir.CheckpointError, match="lam: 0.0 -> 0.5"):
+        morphir.grow(small_net(), train, val, F.cross_entropy, progress=False, run_dir=tmp_path / "b",
+                     resume=True, **{**FAST, "lam": 0.5})
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
+    train, val = loaders()
+    broken = {"on": False}
+
+    def loss(out, y, **kw):
+        value = F.cross_entropy(out, y, **kw)
+        return value * float("nan") if broken["on"] else value
+
+    def after(record):
+        broken["on"] = record["phase"] == 1  # phase 1 is checkpointed; phase 2 diverges at once
+
+    with pytest.raises(morphir.TrainingError, match=r"nan at phase 2, epoch 2, step 1.*checkpoint after phase 1"):
+        morphir.grow(small_net(), train, val, loss, progress=False, run_dir=tmp_path, on_phase=after, **FAST)
+    ckpt = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    assert ckpt["phase"] == 1
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+    # the run continues from there once the cause is fixed
+    broken["on"] = False
+    res = morphir.grow(small_net(), train, val, loss, progress=False, run_dir=tmp_path, resume=True, **FAST)
+    assert [m["phase"] for m in res.metrics] == [1, 2, 3]
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path: Path, monkeypatch) -> None:
+    train, val = loaders()
+    real_save = torch.save
+    writes = {"n": 0}
+
+    def full_disk(obj, f, *a, **kw):
+        writes["n"] += 1
+        if writes["n"] == 3:  # the checkpoint after phase 2: write half of it, then the disk is full
+            f.write(b"partial")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(morphir.CheckpointError, match="after phase 2.*No space left.*previous checkpoint is kept"):
+        morphir.grow(small_net(), train, val, F.cross_entropy, progress=False, run_dir=tmp_path, **FAST)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["phase"] == 1
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_retrain_trains_the_found_architecture_from_scratch() -> None:
+    train, val = loaders()
+    res = morphir.grow(small_net(), train, val, F.cross_entropy, progress=False, **FAST)
+    before = {k: v.clone() for k, v in res.graph.module.state_dict().items()}
+    out = morphir.retrain(res, train, val, F.cross_entropy, progress=False)
+    assert out["epochs"] == 3 and out["params"] == res.graph.num_params()
+    assert 0.0 <= out["val_accuracy"] <= 1.0 and res.summary()["retrain"] == out
+    after = res.graph.module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the grown net itself is untouched
+
+
+def test_random_theta_ablation_keeps_theta_at_its_random_start() -> None:
+    train, val = loaders()
+    res = morphir.grow(small_net(), train, val, F.cross_entropy, progress=False, theta="random", **FAST)
+    splits = [e for step in res.log for e in step if e["morphism"] == "split"]
+    assert splits and all(e["theta"] is not None and float(e["theta"].norm()) > 0 for e in splits)
+
+
+# -- the command line -------------------------------------------------------------------------------
+def grow_cli(tmp_path: Path, npz: Path, out: str, *extra: str) -> int:
+    return main(["grow", "zoo:vgg19", "--data", str(npz), "--phases", "2", "--phase-epochs", "1",
+                 "--batch-size", "32", "--lam", "0", "--out", str(tmp_path / out), *extra])
+
+
+def test_cli_grow_writes_every_output_and_export_and_report_work(tmp_path: Path, npz: Path, capsys) -> None:
+    assert grow_cli(tmp_path, npz, "run", "--retrain") == 0
+    run = tmp_path / "run"
+    printed = capsys.readouterr().out
+    assert "phase 1:" in printed and "retrained from scratch" in printed
+    for name in ("grown.pt", "grown.pt2", "grown.onnx", "metrics.jsonl", "summary.json", "report.png",
+                 "report.html", CHECKPOINT):
+        assert (run / name).stat().st_size > 0, name
+    summary = json.loads((run / "summary.json").read_text())
+    assert {"seed_params", "final_params", "final_flops", "val_accuracy", "phases", "seconds", "retrain"} <= set(summary)
+    assert summary["phases"] == 2
+    grown = torch.load(run / "grown.pt", weights_only=False)
+    assert sum(p.numel() for p in grown.parameters()) == summary["final_params"]
+    program = torch.export.load(run / "grown.pt2")
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.allclose(program.module()(x), grown.eval()(x), atol=1e-5)
+
+    onnx_path = tmp_path / "again.onnx"
+    assert main(["export", str(run / "grown.pt"), "--onnx", str(onnx_path), "--check", "--input-shape", "1,1,8,8",
+                 "--allow-pickle"]) == 0
+    assert onnx_path.stat().st_size > 0
+    (run / "report.html").unlink()
+    assert main(["report", str(run)]) == 0 and (run / "report.html").stat().st_size > 0
+    # a second run into the same directory is refused rather than overwriting it
+    assert grow_cli(tmp_path, npz, "run") == 1
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_cli_bad_data_fails_before_training(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip file")
+    assert main(["grow", "zoo:vgg19", "--data", str(bad), "--out", str(tmp_path / "r1")]) == 1
+    assert "cannot read the data file" in capsys.readouterr().err
+    model = tmp_path / "net.pt"
+    torch.save(small_net(), model)  # takes 1×8×8 images: its linear layer reads 6·4·4 features
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, x=np.zeros((20, 1, 6, 6), np.float32), y=np.zeros(20, np.int64))
+    assert main(["grow", str(model), "--data", str(wrong), "--out", str(tmp_path / "r2")]) == 1
+    err = capsys.readouterr().err
+    assert "wrong.npz: samples of shape (1, 6, 6) do not fit" in err and "mat1 and mat2" in err
+    assert "Traceback" not in err and not (tmp_path / "r2").exists()
+    labels = tmp_path / "labels.npz"
+    np.savez(labels, x=np.zeros((20, 1, 8, 8), np.float32), y=np.arange(20, dtype=np.int64))
+    assert main(["grow", "zoo:vgg19", "--data", str(labels), "--num-classes", "10", "--out", str(tmp_path / "r3")]) == 1
+    assert "but the model outputs shape (2, 10)" in capsys.readouterr().err  # labels reach 10 or more
+    assert not (tmp_path / "r3" / CHECKPOINT).exists()
+    missing = main(["grow", "zoo:vgg19", "--data", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "r4")])
+    assert missing == 1 and "no such data file" in capsys.readouterr().err
+
+
+def test_cli_resumes_a_run_killed_with_sigkill(tmp_path: Path, npz: Path) -> None:
+    args = ["zoo:vgg19", "--data", str(npz), "--phases", "4", "--phase-epochs", "2", "--batch-size", "32",
+            "--lam", "0", "--seed", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "morphir.cli", "grow", *args]
+    assert subprocess.run([*cmd, "--out", str(tmp_path / "full")], env=env, capture_output=True).returncode == 0
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, "--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = metrics.read_text().count("\n")
+    assert 1 <= done < 4, "the kill must land mid-run"
+    assert not (killed / "summary.json").exists()
+    resumed = subprocess.run([*cmd, "--out", str(killed), "--resume"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+
+    def load(run):
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert load(killed) == load(tmp_path / "full")
+    a = torch.load(tmp_path / "full" / CHECKPOINT, weights_only=True)["model_state"]
+    b = torch.load(killed / CHECKPOINT, weights_only=True)["model_state"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
