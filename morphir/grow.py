@@ -47,7 +47,17 @@ from morphir.morphism import Candidate, Registry, Site
 from morphir.optim_state import rebuild_optimizer
 from morphir.scoring import LossFn, ScoreConfig, score
 
-__all__ = ["GrowConfig", "GrowResult", "grow", "select", "count_flops", "retrain", "CHECKPOINT", "METRICS"]
+__all__ = [
+    "GrowConfig",
+    "GrowResult",
+    "grow",
+    "select",
+    "count_flops",
+    "retrain",
+    "recalibrate_batch_norm",
+    "CHECKPOINT",
+    "METRICS",
+]
 
 log = logging.getLogger(__name__)
 
@@ -60,21 +70,25 @@ _FORMAT = 1
 class GrowConfig:
     """Everything that decides a growth run (checkpoints refuse to resume under a different one).
 
-    ``lam``: λ of the criterion −ΔL > λ·ΔR; ``resource``: ΔR counts ``"params"`` or ``"flops"``
+    ``lam``: λ of the criterion −ΔL > λ·ΔR (0, the default: every morphism predicted to lower the
+    loss qualifies; raise it to favour smaller networks); ``resource``: ΔR counts ``"params"`` or ``"flops"``
     (per sample). ``phases``: training phases (a growth step follows each but the last);
     ``phase_epochs``: epochs per phase. ``top_fraction``: at most this share (rounded up) of a
     group's positive morphisms applied per phase. ``lr``, ``momentum``, ``weight_decay``,
     ``nesterov``: SGD; the learning rate follows a cosine from ``lr`` over all epochs.
     ``score_batches``: training batches the scoring pass learns θ on (None: a whole epoch);
     ``score``: the scoring pass's own knobs. ``theta``: ``"learned"`` (the method) or ``"random"``
-    (θ stays at its random start: Net2Net-style noise, the ablation). ``seed``: every shuffle,
+    (θ stays at its random start: Net2Net-style noise, the ablation). ``recalibrate``: before
+    scoring, re-estimate batch-norm statistics on the scoring batches, so the function scored (in
+    eval mode) is the one the weights compute, not running averages of earlier, noisier weights.
+    ``seed``: every shuffle,
     initial θ and scoring pass derives from it.
     """
 
-    lam: float = 2e-6
+    lam: float = 0.0
     resource: Literal["params", "flops"] = "params"
-    phases: int = 4
-    phase_epochs: int = 4
+    phases: int = 5
+    phase_epochs: int = 10
     top_fraction: float = 0.3
     morphisms: tuple[str, ...] = ("split", "prune")
     lr: float = 0.05
@@ -84,6 +98,7 @@ class GrowConfig:
     score_batches: int | None = 8
     score: ScoreConfig = field(default_factory=ScoreConfig)
     theta: Literal["learned", "random"] = "learned"
+    recalibrate: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -620,6 +635,8 @@ def _grow_step(state: _State, cfg: GrowConfig, train: Iterable[tuple[Any, Any]],
         return it if cfg.score_batches is None else itertools.islice(it, cfg.score_batches)
 
     device = next(iter(graph.module.parameters()), torch.zeros(())).device
+    if cfg.recalibrate:
+        recalibrate_batch_norm(graph.module, ((_to(x, device), _to(y, device)) for x, y in batches()))
     cands = score(graph, lambda: ((_to(x, device), _to(y, device)) for x, y in batches()), loss_fn,
                   cfg.morphisms, config=score_cfg, registry=registry)
     chosen = select(cands, graph, lam=cfg.lam, resource=cfg.resource, top_fraction=cfg.top_fraction)
@@ -639,6 +656,34 @@ def _grow_step(state: _State, cfg: GrowConfig, train: Iterable[tuple[Any, Any]],
     state.opt = rebuild_optimizer(state.opt, graph.module, result.graph.module, result.param_edits)
     state.graph = result.graph
     state.log.append([_log_entry(c) for c in chosen])
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(module: nn.Module, batches: Iterable[tuple[Any, Any]]) -> int:
+    """Re-estimate every batch norm's running statistics as the plain average over ``batches``
+    (forward passes in train mode, no gradients); returns the number of batches used.
+
+    >>> recalibrate_batch_norm(model, itertools.islice(train, 8))
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    was_training = module.training
+    count = 0
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+        module.train()
+        for x, _ in batches:
+            module(*(x if isinstance(x, tuple) else (x,)))
+            count += 1
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        module.train(was_training)
+    return count
 
 
 # -- retraining the found architecture from scratch -------------------------------------------------

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import morphir
 from morphir.cli import main
 from morphir.data import digits_tensors
-from morphir.grow import CHECKPOINT, select
+from morphir.grow import CHECKPOINT, recalibrate_batch_norm, select
 
 FAST = dict(phases=3, phase_epochs=1, score_batches=2, lam=0.0)
 
@@ -276,3 +276,12 @@ def test_cli_resumes_a_run_killed_with_sigkill(tmp_path: Path, npz: Path) -> Non
     a = torch.load(tmp_path / "full" / CHECKPOINT, weights_only=True)["model_state"]
     b = torch.load(killed / CHECKPOINT, weights_only=True)["model_state"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_recalibrate_batch_norm_sets_running_statistics_to_the_batch_average() -> None:
+    bn = nn.BatchNorm1d(3)
+    net = nn.Sequential(bn)
+    xs = [torch.randn(16, 3) * 2 + 5 for _ in range(4)]
+    assert recalibrate_batch_norm(net, [(x, None) for x in xs]) == 4
+    assert torch.allclose(bn.running_mean, torch.stack([x.mean(0) for x in xs]).mean(0), atol=1e-5)
+    assert bn.momentum == 0.1 and net.training  # settings and mode restored

@@ -31,3 +31,14 @@ def test_api_tour_runs() -> None:
 def test_ci_runs_exactly_the_readme_test_command() -> None:
     ci = (README.parent / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert ci in README.read_text().splitlines()
+
+
+def test_grow_api_example_runs(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(_block("grow-api"), "README.md", "exec"), scope)
+    result = scope["result"]
+    assert [m["phase"] for m in result.metrics] == [1, 2, 3]
+    assert (tmp_path / "grown.onnx").stat().st_size > 0 and (tmp_path / "run-api" / "checkpoint.pt").exists()
+    x = scope["torch"].randn(2, 1, 8, 8) if "torch" in scope else __import__("torch").randn(2, 1, 8, 8)
+    assert scope["fast"](x).shape == (2, 10)
