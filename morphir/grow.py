@@ -98,7 +98,7 @@ class GrowConfig:
     score_batches: int | None = 8
     score: ScoreConfig = field(default_factory=ScoreConfig)
     theta: Literal["learned", "random"] = "learned"
-    recalibrate: bool = False
+    recalibrate: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
