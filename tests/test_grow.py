@@ -277,6 +277,20 @@ def test_cli_resumes_a_run_killed_with_sigkill(tmp_path: Path, npz: Path) -> Non
     b = torch.load(killed / CHECKPOINT, weights_only=True)["model_state"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+    # Ctrl-C: a resumable checkpoint and a message saying how to resume
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen([*cmd, "--out", str(stopped)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    metrics = stopped / "metrics.jsonl"
+    while proc.poll() is None and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Resume with:" in err and "--resume" in err
+    resumed = subprocess.run([*cmd, "--out", str(stopped), "--resume"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert load(stopped) == load(tmp_path / "full")
+
 
 def test_recalibrate_batch_norm_sets_running_statistics_to_the_batch_average() -> None:
     bn = nn.BatchNorm1d(3)
@@ -285,3 +299,39 @@ def test_recalibrate_batch_norm_sets_running_statistics_to_the_batch_average() -
     assert recalibrate_batch_norm(net, [(x, None) for x in xs]) == 4
     assert torch.allclose(bn.running_mean, torch.stack([x.mean(0) for x in xs]).mean(0), atol=1e-5)
     assert bn.momentum == 0.1 and net.training  # settings and mode restored
+
+
+def test_data_sources_pt_file_and_module_function(tmp_path: Path, monkeypatch) -> None:
+    xt, yt, _, _ = digits_tensors(seed=0)
+    pt = tmp_path / "d.pt"
+    torch.save({"x": xt[:100], "y": yt[:100]}, pt)
+    data = morphir.load_data(str(pt), seed=1, batch_size=16, val_fraction=0.2)
+    n_train = sum(len(y) for _, y in data.train)
+    n_val = sum(len(y) for _, y in data.val)
+    assert (n_train, n_val) == (80, 20)
+    (tmp_path / "mydata.py").write_text(
+        "import torch\n"
+        "def loaders():\n"
+        "    x = torch.zeros(8, 1, 8, 8); y = torch.arange(8) % 10\n"
+        "    return [(x, y)], [(x[:4], y[:4])]\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = morphir.load_data("mydata:loaders")
+    assert [tuple(x.shape) for x, _ in data.val] == [(4, 1, 8, 8)]
+    with pytest.raises(morphir.DataError, match="cannot import the data function"):
+        morphir.load_data("mydata:nothing_here")
+    torch.save({"x": xt[:10], "y": yt[:9]}, tmp_path / "short.pt")
+    with pytest.raises(morphir.DataError, match="one label per sample"):
+        morphir.load_data(str(tmp_path / "short.pt"))
+    with pytest.raises(morphir.DataError, match="not a data source"):
+        morphir.load_data("imagenet")
+
+
+def test_progress_bars_show_phases_and_epochs_when_asked(capsys) -> None:
+    train, val = loaders(n=64)
+    morphir.grow(small_net(), train, val, F.cross_entropy, progress=True, **{**FAST, "phases": 2})
+    err = capsys.readouterr().err
+    assert "phases" in err and "phase 1 epochs" in err
+    morphir.grow(small_net(), train, val, F.cross_entropy, progress=False, **{**FAST, "phases": 2})
+    assert capsys.readouterr().err == ""
