@@ -61,6 +61,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+_CPU = torch.device("cpu")
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 _FORMAT = 1
@@ -180,8 +181,9 @@ def count_flops(graph: MorphGraph) -> int:
 
     >>> count_flops(g)
     """
-    x = tuple(t[:1] if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in graph.example_inputs)
     module = graph.module
+    device = next(iter(module.parameters()), torch.zeros(())).device
+    x = tuple(t[:1].to(device) if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in graph.example_inputs)
     was_training = module.training
     module.eval()
     try:
@@ -634,11 +636,18 @@ def _grow_step(state: _State, cfg: GrowConfig, train: Iterable[tuple[Any, Any]],
         it = iter(train)
         return it if cfg.score_batches is None else itertools.islice(it, cfg.score_batches)
 
+    # the growing step runs on the CPU, where the engine's probe batch and checks live; the
+    # module goes back to its device afterwards (parameters keep their identity, so the optimizer
+    # state, which stays on the device, is still found by name)
     device = next(iter(graph.module.parameters()), torch.zeros(())).device
-    if cfg.recalibrate:
-        recalibrate_batch_norm(graph.module, ((_to(x, device), _to(y, device)) for x, y in batches()))
-    cands = score(graph, lambda: ((_to(x, device), _to(y, device)) for x, y in batches()), loss_fn,
-                  cfg.morphisms, config=score_cfg, registry=registry)
+    graph.module.cpu()
+    try:
+        if cfg.recalibrate:
+            recalibrate_batch_norm(graph.module, ((_to(x, _CPU), y) for x, y in batches()))
+        cands = score(graph, lambda: ((_to(x, _CPU), _to(y, _CPU)) for x, y in batches()), loss_fn,
+                      cfg.morphisms, config=score_cfg, registry=registry)
+    finally:
+        graph.module.to(device)
     chosen = select(cands, graph, lam=cfg.lam, resource=cfg.resource, top_fraction=cfg.top_fraction)
     applied: dict[str, int] = defaultdict(int)
     where: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
@@ -652,7 +661,12 @@ def _grow_step(state: _State, cfg: GrowConfig, train: Iterable[tuple[Any, Any]],
     if not chosen:
         state.log.append([])
         return
-    result = rewrite(graph, chosen, "learned")
+    graph.module.cpu()
+    try:
+        result = rewrite(graph, chosen, "learned")
+    finally:
+        graph.module.to(device)
+    result.graph.module.to(device)
     state.opt = rebuild_optimizer(state.opt, graph.module, result.graph.module, result.param_edits)
     state.graph = result.graph
     state.log.append([_log_entry(c) for c in chosen])
