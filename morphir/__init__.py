@@ -38,7 +38,7 @@ from morphir.errors import (
 from morphir.data import Data, load_data
 from morphir.export import check_onnx, compile, export_onnx, export_program
 from morphir.graph import LeafPolicy, MorphGraph, make_probe, trace
-from morphir.grow import GrowConfig, GrowResult, count_flops, grow, retrain, select
+from morphir.grow import GrowConfig, GrowResult, count_flops, grow, recalibrate_batch_norm, retrain, select
 from morphir.report import write_report
 from morphir.load import load_model, resolve_model
 from morphir.morphism import Candidate, Morphism, Registry, Site
@@ -76,6 +76,7 @@ __all__ = [
     "export_program",
     "grow",
     "load_data",
+    "recalibrate_batch_norm",
     "retrain",
     "select",
     "write_report",

@@ -13,6 +13,7 @@ Errors go to stderr as ``morphir: error: ...`` with exit status 1 (2 for bad arg
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -275,11 +276,17 @@ def _plot(rows: list[dict[str, Any]], spearman: dict[str, float], path: str) -> 
         plt.close(fig)
 
 
-def _labels_max(batches: Any) -> int:
+def _label_range(source: str, *loaders: Any) -> int:
+    """The largest class label over ``loaders`` (-1 when labels are not class indices); negative labels are refused."""
+    from morphir.errors import DataError
+
     top = -1
-    for _, y in batches:
-        if isinstance(y, torch.Tensor) and y.numel():
-            top = max(top, int(y.max()))
+    for batches in loaders:
+        for _, y in batches:
+            if isinstance(y, torch.Tensor) and y.numel() and not y.dtype.is_floating_point:
+                if int(y.min()) < 0:
+                    raise DataError(f"{source}: a class label is {int(y.min())}; labels must be 0, 1, ..., classes - 1")
+                top = max(top, int(y.max()))
     return top
 
 
@@ -329,14 +336,14 @@ def _grow(args: argparse.Namespace) -> int:
     data = load_data(args.data, seed=args.seed, batch_size=args.batch_size)
     x0, y0 = first_batch(data.train, data.source)
     first = x0[0] if isinstance(x0, tuple) else x0
-    top_label = _labels_max(data.train)
+    top_label = _label_range(data.source, data.train, data.val)
     num_classes = args.num_classes if args.num_classes is not None else max(top_label, 1) + 1
     try:
         graph = load_graph(args.model, (1, *first.shape[1:]), num_classes, args.allow_pickle)
     except TraceError as exc:
         raise DataError(f"{data.source}: samples of shape {tuple(first.shape[1:])} do not fit {args.model}: {exc}") from None
     _check_fit(graph, x0, top_label, data.source)
-    identity = f"{args.model} on {args.data}"
+    identity = f"{args.model} on {args.data}, batch size {args.batch_size}"
 
     def show(record: dict[str, Any]) -> None:
         from morphir.grow import _phase_line
@@ -363,16 +370,25 @@ def _grow(args: argparse.Namespace) -> int:
         summary["compiled_val_loss"], summary["compiled_val_accuracy"] = _evaluate(
             compiled, data.val, F.cross_entropy, torch.device(args.device))
     module.cpu()
-    atomic_write(Path(out, "grown.pt"), lambda f: torch.save(module, f))
-    written = ["grown.pt"]
+    text = json.dumps(summary, indent=2) + "\n"
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    try:
+        atomic_write(Path(out, "grown.pt"), lambda f: f.write(buffer.getvalue()))
+        atomic_write(Path(out, "summary.json"), lambda f: f.write(text), binary=False)
+    except OSError as exc:
+        raise MorphirError(f"could not write the run's outputs to {out} ({exc.strerror or exc}); the checkpoint "
+                           f"there is complete: free space and rerun with --resume to write them") from exc
+    write_report(out)
+    written = ["grown.pt", "summary.json", "metrics.jsonl", "report.png", "report.html", "checkpoint.pt"]
     if export_program(module, os.path.join(out, "grown.pt2"), example) is not None:
         written.append("grown.pt2")
-    export_onnx(module, os.path.join(out, "grown.onnx"), example, check=True)
-    written.append("grown.onnx")
-    text = json.dumps(summary, indent=2) + "\n"
-    atomic_write(Path(out, "summary.json"), lambda f: f.write(text), binary=False)
-    write_report(out)
-    written += ["metrics.jsonl", "summary.json", "report.png", "report.html", "checkpoint.pt"]
+    try:
+        export_onnx(module, os.path.join(out, "grown.onnx"), example, check=True)
+        written.append("grown.onnx")
+    except MorphirError as exc:
+        print(f"wrote {', '.join(written)} to {out}")
+        raise MorphirError(f"the grown network could not be exported to ONNX: {exc}") from exc
     acc = summary["val_accuracy"]
     line = (f"grown {args.model}: {summary['seed_params']:,} -> {summary['final_params']:,} params, "
             f"{summary['final_flops']:,} FLOPs, val accuracy {acc:.3f} after {summary['phases']} phases "

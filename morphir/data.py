@@ -77,7 +77,7 @@ def _tensor_pair(arrays: Mapping[str, Any], source: str, x_key: str, y_key: str)
         x, y = torch.as_tensor(arrays[x_key]), torch.as_tensor(arrays[y_key])
     except KeyError as exc:
         raise DataError(f"{source}: no array named {exc.args[0]!r}; a data file holds 'x' and 'y' "
-                        "(and optionally 'x_val', 'y_val'); found: " + ", ".join(sorted(arrays)) or "nothing") from None
+                        "(and optionally 'x_val', 'y_val'); found: " + (", ".join(sorted(map(str, arrays))) or "nothing")) from None
     except (TypeError, ValueError, RuntimeError) as exc:
         raise DataError(f"{source}: {x_key!r}/{y_key!r} are not numeric arrays: {exc}") from None
     if x.dim() < 2:

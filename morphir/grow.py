@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import itertools
 import json
 import logging
@@ -362,7 +363,9 @@ def _load_state(module: nn.Module, opt: torch.optim.Optimizer, state: Mapping[st
     params = dict(module.named_parameters())
     for name, st in state.items():
         if name in params:
-            opt.state[params[name]] = dict(st)
+            device = params[name].device
+            opt.state[params[name]] = {k: v.to(device) if isinstance(v, torch.Tensor) and v.dim() else v
+                                       for k, v in st.items()}
 
 
 def _write_metrics(run_dir: Path, metrics: Sequence[Mapping[str, Any]]) -> None:
@@ -397,15 +400,24 @@ def _checkpoint(state: _State, cfg: GrowConfig, identity: str) -> dict[str, Any]
 
 def _save_checkpoint(run_dir: Path, ckpt: Mapping[str, Any]) -> None:
     path = run_dir / CHECKPOINT
-    try:
-        atomic_write(path, lambda f: torch.save(dict(ckpt), f))
-        _write_metrics(run_dir, json.loads(ckpt["metrics"]))
-    except OSError as exc:
-        kept = "the previous checkpoint is kept" if path.exists() else "no checkpoint was written yet"
-        raise CheckpointError(
-            f"could not write the checkpoint after phase {ckpt['phase']} to {path} ({exc.strerror or exc}); "
-            f"{kept}. Free space and continue with --resume."
-        ) from exc
+    buffer = io.BytesIO()  # serialise first: a failing file write is then a plain OSError
+    torch.save(dict(ckpt), buffer)
+    data = buffer.getvalue()
+    for target, write in ((path, lambda f: f.write(data)),
+                          (run_dir / METRICS, None)):
+        try:
+            if write is None:
+                _write_metrics(run_dir, json.loads(ckpt["metrics"]))
+            else:
+                atomic_write(target, write)
+        except OSError as exc:
+            if target == path:
+                kept = ("the previous checkpoint is kept: free space and continue with --resume" if path.exists()
+                        else "no checkpoint was written yet: free space and start the run again")
+            else:
+                kept = "the checkpoint itself was written: free space and continue with --resume"
+            raise CheckpointError(f"could not write {target} after phase {ckpt['phase']} "
+                                  f"({exc.strerror or exc}); {kept}") from exc
 
 
 def _read_checkpoint(run_dir: Path) -> dict[str, Any]:
@@ -632,9 +644,12 @@ def _grow_step(state: _State, cfg: GrowConfig, train: Iterable[tuple[Any, Any]],
                                     lr=0.0 if cfg.theta == "random" else cfg.score.lr)
     torch.manual_seed(_seed_for(cfg.seed, 2, k))
 
+    # one fixed set of batches for recalibration, θ learning and the final estimate (a whole
+    # epoch, streamed, when score_batches is None)
+    fixed = None if cfg.score_batches is None else list(itertools.islice(iter(train), cfg.score_batches))
+
     def batches() -> Iterable[tuple[Any, Any]]:
-        it = iter(train)
-        return it if cfg.score_batches is None else itertools.islice(it, cfg.score_batches)
+        return iter(train) if fixed is None else iter(fixed)
 
     # the growing step runs on the CPU, where the engine's probe batch and checks live; the
     # module goes back to its device afterwards (parameters keep their identity, so the optimizer

@@ -5,7 +5,10 @@ A rewrite keeps module names, so a parameter is known by its qualified name befo
 old one (rows taken, columns taken and scaled); the optimizer's per-parameter state (momentum
 buffers, Adam moments) gets the same map: a kept channel keeps its state, a new channel copies its
 source's, and a column the rewrite scales (a split's halved outgoing weights) has its first
-moments scaled alike and its second moments (names ending in ``_sq``) by the square. Parameters
+moments scaled alike and its second moments (names ending in ``_sq``) by the square. That keeps the
+velocity in function space: the first step after a split moves the network's output as the step
+before it would have (momentum in parameter units would instead halve the rows' buffers and keep
+the columns'; the function-space reading matches the rewrite's own contract). Parameters
 new to the graph (an inserted layer, a bias created by folding) start without state.
 
 >>> result = morphir.rewrite(g, chosen, "learned")

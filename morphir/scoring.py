@@ -316,7 +316,7 @@ def dot_at_consumers(ctx: ScoreContext, group: ChannelGroup, delta: Callable[[st
         part = prod.T  # (width, N)
         total = part if total is None else total + part
     if total is None:
-        return torch.zeros(group.width, ctx.losses.shape[0])
+        return ctx.losses.new_zeros(group.width, ctx.losses.shape[0])
     return total
 
 
@@ -435,10 +435,10 @@ class Scorer:
 
     @torch.no_grad()
     def _fixed_step(self, x: Any, y: Any) -> None:
-        if self.fixed_sum is None:
-            self.fixed_sum = [torch.zeros(len(p[1])) for p in self.plans]
         with _eval_mode(self.graph.module):
             ctx = self.capturer(x, y, self.loss_fn, memo=self.memo)
+            if self.fixed_sum is None:
+                self.fixed_sum = [ctx.losses.new_zeros(len(p[1])) for p in self.plans]
             for i, (m, group, theta, _) in enumerate(self.plans):
                 s = m.local_change(ctx, [c.site for c in group], theta.detach())
                 self.fixed_sum[i] += gn_estimate(s, ctx.losses, per_sample=self.cfg.per_sample)
@@ -449,6 +449,7 @@ class Scorer:
         if self.steps == 0 and self.fixed_steps == 0:
             raise MorphirError("score got no batches; pass a non-empty iterable of (x, y)")
         out: list[Candidate] = []
+        self.graph.invalidate(SCORE_KEY)  # records of an earlier pass on this graph are stale now
         for i, (m, group, theta, _) in enumerate(self.plans):
             for j, c in enumerate(group):
                 c.theta = theta[j].detach().clone()

@@ -53,7 +53,8 @@ def site_rows(ctx: ScoreContext, group: str, sites: Sequence[Site]) -> torch.Ten
     key = ("channels.rows", group, tuple(s.index for s in sites))
     if key not in ctx.memo:
         index = [s.index for s in sites]
-        ctx.memo[key] = None if index == list(range(ctx.graph.group(group).width)) else torch.tensor(index)
+        full = index == list(range(ctx.graph.group(group).width))
+        ctx.memo[key] = None if full else torch.tensor(index, device=ctx.losses.device)
     return ctx.memo[key]
 
 
@@ -63,7 +64,8 @@ def stack_theta(graph: MorphGraph, group: str, sites: Sequence[Site], theta: tor
     index = [s.index for s in sites]
     if index == list(range(width)):
         return theta
-    return torch.zeros(width, theta.shape[1], dtype=theta.dtype).index_copy(0, torch.tensor(index), theta)
+    rows = torch.tensor(index, device=theta.device)
+    return torch.zeros(width, theta.shape[1], dtype=theta.dtype, device=theta.device).index_copy(0, rows, theta)
 
 
 def _batch_norm_affine(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:

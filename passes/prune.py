@@ -87,8 +87,9 @@ class Prune(Morphism):
         grp = ctx.graph.group(group)
         with torch.no_grad():  # θ is fixed: nothing to differentiate
             key = ("prune.is_default", group, tuple(s.index for s in sites))
-            if key not in ctx.memo or ctx.memo[key][0] is not theta:
-                ctx.memo[key] = (theta, torch.equal(theta, incoming_stack(ctx.graph, sites)))
+            stamp = (theta.data_ptr(), theta._version)  # the same θ storage, unchanged since last asked
+            if key not in ctx.memo or ctx.memo[key][0] != stamp:
+                ctx.memo[key] = (stamp, torch.equal(theta, incoming_stack(ctx.graph, sites)))
             if ctx.memo[key][1]:
                 start = self._bias_only(ctx, group, sites)  # w_in − θ = 0: only the bias is left
             else:
@@ -113,13 +114,14 @@ class Prune(Morphism):
             consts = {}
             for st in starts(ctx, group):
                 bias = ctx.module(st.module).bias
-                const = bias.detach() if bias is not None else torch.zeros(width)
+                weight = ctx.module(st.module).weight
+                const = bias.detach() if bias is not None else weight.new_zeros(width)
                 if st.scale is not None:
                     const = const * st.scale + st.shift
                 layout = ctx.graph.layout(st.node)
                 shape = [1] * layout.ndim
                 shape[layout.axis] = -1
-                mask = torch.zeros(width, dtype=torch.bool)
+                mask = torch.zeros(width, dtype=torch.bool, device=const.device)
                 mask[[s.index for s in sites]] = True
                 consts[st.node] = (mask.view(shape), const.view(shape))
             ctx.memo[key] = consts

@@ -54,7 +54,7 @@ class Split(Morphism):
         # θ = 0 is a stationary point of a split's ΔL (it is even in θ): start on a random
         # direction at half the trust radius
         w = incoming_stack(graph, sites)
-        direction = torch.randn(w.shape, generator=gen)
+        direction = torch.randn(w.shape, generator=gen).to(w)  # drawn on the CPU generator, then moved
         direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
         return direction * (0.5 * trust * w.norm(dim=1, keepdim=True))
 

@@ -155,22 +155,38 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path: Path) 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path: Path, monkeypatch) -> None:
     train, val = loaders()
-    real_save = torch.save
-    writes = {"n": 0}
+    real_fdopen = os.fdopen
+    opened = {"n": 0}
 
-    def full_disk(obj, f, *a, **kw):
-        writes["n"] += 1
-        if writes["n"] == 3:  # the checkpoint after phase 2: write half of it, then the disk is full
-            f.write(b"partial")
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])  # half of it lands, then the disk is full
             raise OSError(28, "No space left on device")
-        return real_save(obj, f, *a, **kw)
 
-    monkeypatch.setattr(torch, "save", full_disk)
+    def fdopen(fd, mode="r", *a, **kw):
+        f = real_fdopen(fd, mode, *a, **kw)
+        if "b" in mode:  # checkpoint writes: the third is the one after phase 2
+            opened["n"] += 1
+            if opened["n"] == 3:
+                return FullDisk(f)
+        return f
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
     with pytest.raises(morphir.CheckpointError, match="after phase 2.*No space left.*previous checkpoint is kept"):
         morphir.grow(small_net(), train, val, F.cross_entropy, progress=False, run_dir=tmp_path, **FAST)
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(os, "fdopen", real_fdopen)
     assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["phase"] == 1
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
 
 
 def test_retrain_trains_the_found_architecture_from_scratch() -> None:
@@ -335,3 +351,24 @@ def test_progress_bars_show_phases_and_epochs_when_asked(capsys) -> None:
     assert "phases" in err and "phase 1 epochs" in err
     morphir.grow(small_net(), train, val, F.cross_entropy, progress=False, **{**FAST, "phases": 2})
     assert capsys.readouterr().err == ""
+
+
+def test_cli_checks_validation_labels_and_refuses_a_resume_with_another_batch_size(tmp_path: Path, npz: Path,
+                                                                                   capsys) -> None:
+    xt, yt, _, _ = digits_tensors(seed=0)
+    bad_val = tmp_path / "bad_val.pt"
+    torch.save({"x": xt[:40], "y": yt[:40] % 3, "x_val": xt[:6], "y_val": torch.tensor([0, 1, 2, 5, 6, 7])}, bad_val)
+    model = tmp_path / "net3.pt"
+    torch.manual_seed(0)
+    torch.save(nn.Sequential(nn.Flatten(), nn.Linear(64, 3)), model)
+    assert main(["grow", str(model), "--data", str(bad_val), "--out", str(tmp_path / "v")]) == 1
+    assert "labels go up to 7" in capsys.readouterr().err
+    negative = tmp_path / "neg.pt"
+    torch.save({"x": xt[:40], "y": yt[:40] % 3 - 1}, negative)
+    assert main(["grow", str(model), "--data", str(negative), "--out", str(tmp_path / "n")]) == 1
+    assert "a class label is -1" in capsys.readouterr().err
+
+    assert grow_cli(tmp_path, npz, "bs") == 0
+    assert grow_cli(tmp_path, npz, "bs", "--resume", "--batch-size", "16") == 1
+    err = capsys.readouterr().err
+    assert "batch size 32" in err and "batch size 16" in err
