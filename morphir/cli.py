@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="digits (default), a .pt/.npz file with x, y [, x_val, y_val], or module:function returning "
                         "(train, val) loaders")
     p.add_argument("--phases", type=int, default=5, help="training phases; a growth step follows each but the last (default 5)")
-    p.add_argument("--phase-epochs", type=int, default=10, help="epochs per phase (default 10)")
+    p.add_argument("--phase-epochs", type=int, default=20, help="epochs per phase (default 20)")
     p.add_argument("--lam", type=float, default=None, help="λ of the criterion -ΔL > λ·ΔR (default 0: whatever is predicted to lower the loss)")
     p.add_argument("--resource", choices=["params", "flops"], default="params", help="what ΔR counts (default params)")
     p.add_argument("--top-fraction", type=float, default=0.3, help="most of a group's positive morphisms applied per phase")

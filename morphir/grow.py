@@ -90,7 +90,7 @@ class GrowConfig:
     lam: float = 0.0
     resource: Literal["params", "flops"] = "params"
     phases: int = 5
-    phase_epochs: int = 10
+    phase_epochs: int = 20
     top_fraction: float = 0.3
     morphisms: tuple[str, ...] = ("split", "prune")
     lr: float = 0.05

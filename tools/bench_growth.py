@@ -10,7 +10,7 @@ For each of 3 seeds, all trained for the same number of epochs with the same opt
 Prints a table (val accuracy mean ± std, params) and exits non-zero unless
 grown ≥ (b) − 0.5 points and grown > (c), on the mean.
 
-    python tools/bench_growth.py [--seeds 3] [--phases 5] [--phase-epochs 10]
+    python tools/bench_growth.py [--seeds 3] [--phases 5] [--phase-epochs 20]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--phases", type=int, default=5)
-    parser.add_argument("--phase-epochs", type=int, default=10)
+    parser.add_argument("--phase-epochs", type=int, default=20)
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     rows: dict[str, list[tuple[float, int]]] = {"grown": [], "(a) seed": [], "(b) fixed": [], "(c) noise": []}
