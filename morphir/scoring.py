@@ -344,6 +344,20 @@ def gn_estimate(s: torch.Tensor, losses: torch.Tensor, *, per_sample: bool) -> t
 
 
 # -- the scoring pass -------------------------------------------------------------------------------
+def _adam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)  # one kernel for all θ tensors
+    except (RuntimeError, TypeError):  # a torch or device without fused Adam
+        return torch.optim.Adam(params, lr=lr, foreach=True)
+
+
+def _estimate(s: torch.Tensor, losses: torch.Tensor, inv4l: torch.Tensor, per_sample: bool) -> torch.Tensor:
+    """:func:`gn_estimate` with 1/(4 Lₙ) computed once per batch."""
+    if per_sample:
+        return (s + s * s * inv4l).mean(dim=1)
+    return gn_estimate(s, losses, per_sample=False)
+
+
 def _project(theta: torch.Tensor, radius: torch.Tensor) -> None:
     with torch.no_grad():
         norms = torch.linalg.vector_norm(theta.reshape(theta.shape[0], -1), dim=1)
@@ -395,7 +409,7 @@ class Scorer:
                 self.alias_calls |= set(m.alias_calls(graph, sites))
                 self.grad_nodes |= set(m.grad_nodes(graph, sites))
         learnable = [p[2].requires_grad_() for p in self.plans if p[0].learnable]
-        self.opt = torch.optim.Adam(learnable, lr=self.cfg.lr, foreach=True) if learnable else None
+        self.opt = _adam(learnable, self.cfg.lr) if learnable else None
         self.capturer = Capturer(graph, grad_nodes=self.grad_nodes, alias_calls=self.alias_calls)
         self.memo: dict[Any, Any] = {}
         self.ema: list[torch.Tensor | None] = [None] * len(self.plans)
@@ -414,12 +428,13 @@ class Scorer:
         total = torch.zeros(())
         with _eval_mode(self.graph.module):
             ctx = self.capturer(x, y, self.loss_fn, memo=self.memo)
+            inv4l = 1.0 / (4 * ctx.losses.clamp_min(_MIN_LOSS))
             for i, (m, group, theta, _) in enumerate(self.plans):
                 try:
                     s = m.local_change(ctx, [c.site for c in group], theta)
                 except NotImplementedError as exc:
                     raise MorphismError(f"morphism {m.name!r} cannot be scored: {exc}") from exc
-                est = gn_estimate(s, ctx.losses, per_sample=self.cfg.per_sample)
+                est = _estimate(s, ctx.losses, inv4l, self.cfg.per_sample)
                 e = est.detach()
                 self.ema[i] = e if self.ema[i] is None else self.cfg.ema * self.ema[i] + (1 - self.cfg.ema) * e
                 if m.learnable:
