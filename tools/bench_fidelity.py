@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import morphir
+from _bench import verdict  # tools/ is the script's directory
 from morphir.data import digits_loaders
 from morphir.scoring import spearman
 from morphir.train import evaluate, fit
@@ -91,11 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             if not share >= 0.8:
                 failures.append(f"share of predicted helpers that help {share:.3f} < 0.8")
     print(f"{time.time() - start:.0f} s")
-    if failures:
-        print("FAILED: " + "; ".join(failures))
-        return 1
-    print("all bounds met")
-    return 0
+    return verdict(failures)
 
 
 if __name__ == "__main__":

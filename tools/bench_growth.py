@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import morphir
+from _bench import verdict  # tools/ is the script's directory
 from morphir.data import load_data
 
 
@@ -78,11 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         failures.append(f"grown {mean('grown'):.2f} < fixed-width {mean('(b) fixed'):.2f} - 0.5")
     if not mean("grown") > mean("(c) noise"):
         failures.append(f"grown {mean('grown'):.2f} <= random θ {mean('(c) noise'):.2f}")
-    if failures:
-        print("FAILED: " + "; ".join(failures))
-        return 1
-    print("all bounds met")
-    return 0
+    return verdict(failures)
 
 
 if __name__ == "__main__":

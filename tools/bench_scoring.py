@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import morphir
+from _bench import verdict  # tools/ is the script's directory
 from morphir.data import digits_loaders
 
 
@@ -142,11 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         failures.append(f"scoring step / training step = {ratio:.2f} > 2.5")
     if speedups[len(all_cands)] < 50:
         failures.append(f"speedup with all candidates {speedups[len(all_cands)]:.0f}x < 50x")
-    if failures:
-        print("FAILED: " + "; ".join(failures))
-        return 1
-    print("all bounds met")
-    return 0
+    return verdict(failures)
 
 
 if __name__ == "__main__":
