@@ -3,7 +3,7 @@
     morphir inspect zoo:vgg19 --input-shape 1,3,32,32 [--json]
     morphir inspect model.pt --input-shape 1,3,32,32 [--allow-pickle]
     morphir score zoo:vgg19 --data digits [--epochs 3] [--exact] [--json] [--plot s.png]
-    morphir grow zoo:vgg19 [--data digits|FILE.pt|FILE.npz|module:function] [--phases 4] [--out DIR] [--resume]
+    morphir grow zoo:vgg19 [--data digits|FILE.pt|FILE.npz|module:function] [--phases 5] [--out DIR] [--resume]
     morphir export grown/grown.pt --onnx grown.onnx --check --input-shape 1,1,8,8 --allow-pickle
     morphir report DIR
 
@@ -319,7 +319,7 @@ def _grow(args: argparse.Namespace) -> int:
     from morphir.errors import CheckpointError, DataError, TraceError
     from morphir.export import compile as compile_module
     from morphir.export import export_onnx, export_program
-    from morphir.grow import GrowConfig, atomic_write, grow, retrain
+    from morphir.grow import GrowConfig, atomic_write, grow, phase_summary, retrain
     from morphir.report import write_report
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -346,9 +346,7 @@ def _grow(args: argparse.Namespace) -> int:
     identity = f"{args.model} on {args.data}, batch size {args.batch_size}"
 
     def show(record: dict[str, Any]) -> None:
-        from morphir.grow import _phase_line
-
-        print(_phase_line(record), flush=True)
+        print(phase_summary(record), flush=True)
 
     command = "morphir " + " ".join(shlex.quote(a) for a in args.argv if a != "--resume") + " --resume"
     try:

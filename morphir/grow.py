@@ -56,6 +56,7 @@ __all__ = [
     "count_flops",
     "retrain",
     "recalibrate_batch_norm",
+    "phase_summary",
     "CHECKPOINT",
     "METRICS",
 ]
@@ -573,7 +574,7 @@ def grow(
                 _save_checkpoint(out_dir, _checkpoint(state, cfg, identity))
             phases_bar.update(1)
             record = state.metrics[-1]
-            log.info(_phase_line(record))
+            log.info(phase_summary(record))
             if on_phase is not None:
                 on_phase(record)
     finally:
@@ -582,7 +583,12 @@ def grow(
     return GrowResult(state.graph, state.metrics, state.log, seed_params, seed_flops, state.seconds, cfg)
 
 
-def _phase_line(m: Mapping[str, Any]) -> str:
+def phase_summary(m: Mapping[str, Any]) -> str:
+    """One line for a phase's metrics record (what ``morphir grow`` prints).
+
+    >>> phase_summary(result.metrics[0])
+    'phase 1: train loss 0.4762, val loss 1.3016, val acc 0.532, 35,386 params, ...'
+    """
     applied = ", ".join(f"{v} {k}" for k, v in sorted(m.get("applied", {}).items())) or "none"
     acc = m.get("val_accuracy")
     acc_text = f"val acc {acc:.3f}, " if acc is not None else ""
