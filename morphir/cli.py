@@ -362,11 +362,11 @@ def _grow(args: argparse.Namespace) -> int:
     example = tuple(t[:1] for t in (x0 if isinstance(x0, tuple) else (x0,)))
     summary = {"model": args.model, "data": args.data, **result.summary()}
     if args.compile:
-        from morphir.grow import _evaluate
+        from morphir.train import evaluate
 
         compiled = compile_module(result.graph, args.device, use_torch_compile=True)
-        summary["compiled_val_loss"], summary["compiled_val_accuracy"] = _evaluate(
-            compiled, data.val, F.cross_entropy, torch.device(args.device))
+        summary["compiled_val_loss"], summary["compiled_val_accuracy"] = evaluate(
+            compiled, data.val, F.cross_entropy, device=torch.device(args.device))
     module.cpu()
     text = json.dumps(summary, indent=2) + "\n"
     buffer = io.BytesIO()

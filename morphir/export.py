@@ -18,7 +18,6 @@ import copy
 import logging
 import os
 import pathlib
-import secrets
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from morphir.errors import ExportError
+from morphir.files import replacing
 from morphir.graph import MorphGraph
 
 __all__ = ["export_onnx", "export_program", "compile", "check_onnx"]
@@ -126,23 +126,11 @@ def _atomic_write(path: PathLike, what: str, write: Callable[[pathlib.Path], Non
             f"cannot write {what} to {target}: directory {directory} does not exist or is not a "
             "directory; create it first or choose another path."
         )
-    # not tempfile.mkstemp: its files are mode 0600; O_EXCL with 0666 gives the usual umask-based mode
-    tmp = directory / f".{target.name}.{secrets.token_hex(6)}.tmp{suffix}"
     try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        with replacing(target, suffix) as tmp:
+            write(tmp)
     except OSError as exc:
-        raise ExportError(
-            f"cannot write {what} to {target}: {exc}. Choose a writable directory."
-        ) from exc
-    try:
-        write(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError as exc:
-            raise ExportError(f"cannot move {what} into place at {target}: {exc}. Choose another path.") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        raise ExportError(f"cannot write {what} to {target}: {exc}. Choose a writable directory or another path.") from exc
     return target
 
 

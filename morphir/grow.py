@@ -26,9 +26,7 @@ import itertools
 import json
 import logging
 import math
-import os
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -40,13 +38,15 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from morphir import files
 from morphir.engine import candidates as all_candidates
 from morphir.engine import default_registry, rewrite
-from morphir.errors import CheckpointError, DataError, MorphirError, TrainingError
+from morphir.errors import CheckpointError, MorphirError, TrainingError
 from morphir.graph import MorphGraph, trace
 from morphir.morphism import Candidate, Registry, Site
 from morphir.optim_state import rebuild_optimizer
 from morphir.scoring import LossFn, ScoreConfig, score
+from morphir.train import evaluate, to_device, train_epoch
 
 __all__ = [
     "GrowConfig",
@@ -273,86 +273,14 @@ def _lr_at(cfg: GrowConfig, epoch: int, total: int) -> float:
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * epoch / max(total, 1)))
 
 
-def _train_epoch(module: nn.Module, opt: torch.optim.Optimizer, batches: Iterable[tuple[Any, Any]], loss_fn: LossFn,
-                 where: str, device: torch.device) -> float:
-    module.train()
-    total, count = 0.0, 0
-    for step, (x, y) in enumerate(batches):
-        x, y = _to(x, device), _to(y, device)
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(module(*(x if isinstance(x, tuple) else (x,))), y)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise TrainingError(f"the training loss became {value} at {where}, step {step + 1}")
-        loss.backward()
-        opt.step()
-        n = len(y) if hasattr(y, "__len__") else 1
-        total += value * n
-        count += n
-    if count == 0:
-        raise DataError(f"the training data yielded no batches at {where}")
-    return total / count
-
-
-@torch.no_grad()
-def _evaluate(module: nn.Module, batches: Iterable[tuple[Any, Any]], loss_fn: LossFn, device: torch.device) -> tuple[float, float | None]:
-    was_training = module.training
-    module.eval()
-    total, correct, count, classify = 0.0, 0, 0, True
-    try:
-        for x, y in batches:
-            x, y = _to(x, device), _to(y, device)
-            out = module(*(x if isinstance(x, tuple) else (x,)))
-            n = len(y)
-            total += float(loss_fn(out, y)) * n
-            if classify and isinstance(out, torch.Tensor) and out.dim() == 2 and not y.dtype.is_floating_point:
-                correct += int((out.argmax(1) == y).sum())
-            else:
-                classify = False
-            count += n
-    finally:
-        module.train(was_training)
-    if count == 0:
-        raise DataError("the validation data yielded no batches")
-    return total / count, (correct / count if classify else None)
-
-
-def _to(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, tuple):
-        return tuple(_to(t, device) for t in x)
-    return x
-
-
 # -- checkpoints ----------------------------------------------------------------------------------
 def atomic_write(path: Path, write: Callable[[Any], None], *, binary: bool = True) -> None:
-    """Write ``path`` through a temporary file in its directory, flushed and renamed into place:
-    a crash or a full disk mid-write never leaves a broken file, and an existing file stays until
-    the new one is complete.
+    """:func:`morphir.files.atomic_write` into a run directory, created if missing.
 
     >>> atomic_write(Path("run/summary.json"), lambda f: f.write(text), binary=False)
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with _suppress():
-            os.unlink(tmp)
-        raise
-
-
-class _suppress:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> bool:
-        return True
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    files.atomic_write(path, write, binary=binary)
 
 
 def _state_by_name(module: nn.Module, opt: torch.optim.Optimizer) -> dict[str, dict[str, Any]]:
@@ -612,11 +540,11 @@ def _run_phase(state: _State, cfg: GrowConfig, train: Iterable[tuple[Any, Any]],
             group["lr"] = _lr_at(cfg, e, cfg.epochs)
         torch.manual_seed(_seed_for(cfg.seed, 0, e))
         try:
-            train_loss = _train_epoch(module, state.opt, train, loss_fn, f"phase {k}, epoch {e + 1}", device)
+            train_loss = train_epoch(module, state.opt, train, loss_fn, where=f"phase {k}, epoch {e + 1}", device=device)
         except TrainingError as exc:
             raise TrainingError(f"{exc}; the run stopped{where_ckpt}. Lower the learning rate (--lr) or check "
                                 "the data, then resume") from None
-    val_loss, val_acc = _evaluate(module, val, loss_fn, device)
+    val_loss, val_acc = evaluate(module, val, loss_fn, device=device)
     if not math.isfinite(val_loss):
         raise TrainingError(f"the validation loss became {val_loss} in phase {k}; the run stopped{where_ckpt}")
     record: dict[str, Any] = {
@@ -664,8 +592,8 @@ def _grow_step(state: _State, cfg: GrowConfig, train: Iterable[tuple[Any, Any]],
     graph.module.cpu()
     try:
         if cfg.recalibrate:
-            recalibrate_batch_norm(graph.module, ((_to(x, _CPU), y) for x, y in batches()))
-        cands = score(graph, lambda: ((_to(x, _CPU), _to(y, _CPU)) for x, y in batches()), loss_fn,
+            recalibrate_batch_norm(graph.module, ((to_device(x, _CPU), y) for x, y in batches()))
+        cands = score(graph, lambda: ((to_device(x, _CPU), to_device(y, _CPU)) for x, y in batches()), loss_fn,
                       cfg.morphisms, config=score_cfg, registry=registry)
     finally:
         graph.module.to(device)
@@ -758,8 +686,9 @@ def retrain(
         for group in opt.param_groups:
             group["lr"] = _lr_at(cfg, e, epochs)
         torch.manual_seed(_seed_for(cfg.seed, 4, e))
-        train_loss = _train_epoch(module, opt, train, loss_fn, f"retraining, epoch {e + 1}", torch.device(device))
-    val_loss, val_acc = _evaluate(module, val, loss_fn, torch.device(device))
+        train_loss = train_epoch(module, opt, train, loss_fn, where=f"retraining, epoch {e + 1}",
+                                 device=torch.device(device))
+    val_loss, val_acc = evaluate(module, val, loss_fn, device=torch.device(device))
     result.retrained = {"train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc, "epochs": epochs,
                         "params": sum(p.numel() for p in module.parameters()),
                         "seconds": round(time.perf_counter() - start, 3)}

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -33,6 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
 from morphir.errors import MorphirError
+from morphir.files import atomic_write
 
 __all__ = ["read_run", "plot_growth", "write_report"]
 
@@ -491,21 +491,7 @@ channels chosen to split / prune at the end of that phase (a dash: the layer did
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     """Write ``path`` through a temporary file in its directory, then move it into place."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        atomic_write(path, write)
     except OSError as exc:
-        raise MorphirError(f"cannot write {path}: {exc.strerror or exc}; check that {path.parent} exists and is "
-                           "writable") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a report is for reading
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise MorphirError(f"cannot write {path}: {exc.strerror or exc}; check the disk space and permissions "
-                               f"of {path.parent}") from None
-        raise
+        raise MorphirError(f"cannot write {path}: {exc.strerror or exc}; check that {path.parent} exists, is "
+                           "writable and has space") from None

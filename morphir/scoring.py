@@ -332,13 +332,17 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-12))
 
 
-def gn_estimate(s: torch.Tensor, losses: torch.Tensor, *, per_sample: bool) -> torch.Tensor:
+def gn_estimate(s: torch.Tensor, losses: torch.Tensor, *, per_sample: bool,
+                inv4l: torch.Tensor | None = None) -> torch.Tensor:
     """ΔL from s = Δz·g per site and sample, shape (sites, N) -> (sites,).
 
-    Whole-batch: s̄ + s̄²/(4 L̂); per-sample: mean over n of sₙ + sₙ²/(4 Lₙ).
+    Whole-batch: s̄ + s̄²/(4 L̂); per-sample: mean over n of sₙ + sₙ²/(4 Lₙ). ``inv4l``: 1/(4 Lₙ)
+    computed once for a batch scored many times (the scoring pass passes it).
     """
     if per_sample:
-        return (s + s.pow(2) / (4 * losses.clamp_min(_MIN_LOSS))).mean(dim=1)
+        if inv4l is None:
+            inv4l = 1.0 / (4 * losses.clamp_min(_MIN_LOSS))
+        return (s + s * s * inv4l).mean(dim=1)
     mean = s.mean(dim=1)
     return mean + mean.pow(2) / (4 * losses.mean().clamp_min(_MIN_LOSS))
 
@@ -349,13 +353,6 @@ def _adam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr, fused=True)  # one kernel for all θ tensors
     except (RuntimeError, TypeError):  # a torch or device without fused Adam
         return torch.optim.Adam(params, lr=lr, foreach=True)
-
-
-def _estimate(s: torch.Tensor, losses: torch.Tensor, inv4l: torch.Tensor, per_sample: bool) -> torch.Tensor:
-    """:func:`gn_estimate` with 1/(4 Lₙ) computed once per batch."""
-    if per_sample:
-        return (s + s * s * inv4l).mean(dim=1)
-    return gn_estimate(s, losses, per_sample=False)
 
 
 def _project(theta: torch.Tensor, radius: torch.Tensor) -> None:
@@ -434,7 +431,7 @@ class Scorer:
                     s = m.local_change(ctx, [c.site for c in group], theta)
                 except NotImplementedError as exc:
                     raise MorphismError(f"morphism {m.name!r} cannot be scored: {exc}") from exc
-                est = _estimate(s, ctx.losses, inv4l, self.cfg.per_sample)
+                est = gn_estimate(s, ctx.losses, per_sample=self.cfg.per_sample, inv4l=inv4l)
                 e = est.detach()
                 self.ema[i] = e if self.ema[i] is None else self.cfg.ema * self.ema[i] + (1 - self.cfg.ema) * e
                 if m.learnable:

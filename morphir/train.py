@@ -1,4 +1,5 @@
-"""Plain training and evaluation loops (SGD with Nesterov momentum), used before scoring.
+"""Plain training and evaluation loops (SGD with Nesterov momentum), used before scoring and by the
+growth loop.
 
 >>> losses = fit(graph.module, train_loader, F.cross_entropy, epochs=5)
 >>> val_loss, val_acc = evaluate(graph.module, val_loader, F.cross_entropy)
@@ -13,17 +14,73 @@ from typing import Any
 
 import torch
 
-from morphir.errors import MorphirError
+from morphir.errors import DataError, TrainingError
 
-__all__ = ["fit", "evaluate"]
+__all__ = ["fit", "train_epoch", "evaluate", "to_device"]
 
 log = logging.getLogger(__name__)
+
+LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
+
+
+def to_device(x: Any, device: torch.device | None) -> Any:
+    """``x`` (a tensor or a tuple of them) on ``device``; anything else, or ``device=None``, as it is.
+
+    >>> x, y = to_device((x, y), torch.device("cuda"))
+    """
+    if device is None:
+        return x
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, tuple):
+        return tuple(to_device(t, device) for t in x)
+    return x
+
+
+def _call(module: torch.nn.Module, x: Any) -> Any:
+    return module(*(x if isinstance(x, tuple) else (x,)))
+
+
+def train_epoch(
+    module: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    batches: Iterable[tuple[Any, Any]],
+    loss_fn: LossFn,
+    *,
+    where: str = "this epoch",
+    device: torch.device | None = None,
+) -> float:
+    """One pass over ``batches`` in train mode; returns the mean training loss.
+
+    A NaN or infinite loss raises :class:`TrainingError` naming ``where`` and the step; no batches
+    at all raise :class:`DataError`.
+
+    >>> train_epoch(model, opt, train_loader, F.cross_entropy, where="epoch 3")
+    0.41
+    """
+    module.train()
+    total, count = 0.0, 0
+    for step, (x, y) in enumerate(batches):
+        x, y = to_device(x, device), to_device(y, device)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(_call(module, x), y)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TrainingError(f"the training loss became {value} at {where}, step {step + 1}")
+        loss.backward()
+        opt.step()
+        n = len(y) if hasattr(y, "__len__") else 1
+        total += value * n
+        count += n
+    if count == 0:
+        raise DataError(f"the training data yielded no batches at {where}")
+    return total / count
 
 
 def fit(
     module: torch.nn.Module,
     batches: Iterable[tuple[Any, Any]],
-    loss_fn: Callable[[torch.Tensor, Any], torch.Tensor],
+    loss_fn: LossFn,
     *,
     epochs: int,
     lr: float = 0.05,
@@ -32,27 +89,18 @@ def fit(
 ) -> list[float]:
     """Train ``module`` in place with SGD (Nesterov); returns the mean training loss per epoch.
 
-    A NaN or infinite loss stops training with :class:`MorphirError` naming the epoch and step.
+    A NaN or infinite loss stops training with :class:`TrainingError` naming the epoch and step.
 
     >>> fit(model, train_loader, F.cross_entropy, epochs=3)
     [1.9, 0.8, 0.4]
     """
     opt = torch.optim.SGD(module.parameters(), lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
     history = []
-    module.train()
     for epoch in range(epochs):
-        total, count = 0.0, 0
-        for step, (x, y) in enumerate(batches):
-            opt.zero_grad()
-            loss = loss_fn(module(x), y)
-            if not math.isfinite(loss.item()):
-                raise MorphirError(f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                                   "lower the learning rate or check the data")
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(y)
-            count += len(y)
-        history.append(total / max(count, 1))
+        try:
+            history.append(train_epoch(module, opt, batches, loss_fn, where=f"epoch {epoch + 1}"))
+        except TrainingError as exc:
+            raise TrainingError(f"{exc}; lower the learning rate or check the data") from None
         log.info("epoch %d: train loss %.4f", epoch + 1, history[-1])
     module.eval()
     return history
@@ -60,22 +108,35 @@ def fit(
 
 @torch.no_grad()
 def evaluate(
-    module: torch.nn.Module, batches: Iterable[tuple[Any, Any]], loss_fn: Callable[[torch.Tensor, Any], torch.Tensor]
-) -> tuple[float, float]:
-    """``(mean loss, accuracy)`` of ``module`` in eval mode over ``batches`` (accuracy by argmax).
+    module: torch.nn.Module,
+    batches: Iterable[tuple[Any, Any]],
+    loss_fn: LossFn,
+    *,
+    device: torch.device | None = None,
+) -> tuple[float, float | None]:
+    """``(mean loss, accuracy)`` of ``module`` in eval mode over ``batches``, its mode restored.
+
+    Accuracy is by argmax, and None unless the outputs are (N, classes) logits with integer labels.
 
     >>> evaluate(model, val_loader, F.cross_entropy)
     (0.31, 0.93)
     """
     was_training = module.training
     module.eval()
-    total, correct, count = 0.0, 0, 0
+    total, correct, count, classify = 0.0, 0, 0, True
     try:
         for x, y in batches:
-            out = module(x)
-            total += float(loss_fn(out, y)) * len(y)
-            correct += int((out.argmax(1) == y).sum())
-            count += len(y)
+            x, y = to_device(x, device), to_device(y, device)
+            out = _call(module, x)
+            n = len(y)
+            total += float(loss_fn(out, y)) * n
+            if classify and isinstance(out, torch.Tensor) and out.dim() == 2 and not y.dtype.is_floating_point:
+                correct += int((out.argmax(1) == y).sum())
+            else:
+                classify = False
+            count += n
     finally:
         module.train(was_training)
-    return total / max(count, 1), correct / max(count, 1)
+    if count == 0:
+        raise DataError("the validation data yielded no batches")
+    return total / count, (correct / count if classify else None)

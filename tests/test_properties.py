@@ -295,6 +295,13 @@ def split_candidates(g: morphir.MorphGraph) -> list:
     return morphir.candidates(g, "split")
 
 
+def draw_split(g: morphir.MorphGraph, data):
+    """One split candidate of ``g`` (the example is discarded when there is none)."""
+    cands = split_candidates(g)
+    assume(cands)
+    return data.draw(st.sampled_from(cands))
+
+
 def follower_repeats_group(g: morphir.MorphGraph, group: str) -> bool:
     """A batch norm / depthwise conv after e.g. torch.cat([h, h]) carries ``group`` in two segments."""
     return any(sum(s.group == group for s in lay.segments) > 1 for lay in g.analysis.follower_layouts.values())
@@ -448,9 +455,7 @@ def test_split_all_at_zero_preserves_and_doubles(spec):
 @given(net_specs(), st.data())
 def test_split_one_with_random_theta_runs_and_changes_output(spec, data):
     _, g = build(spec)
-    cands = split_candidates(g)
-    assume(cands)
-    cand = data.draw(st.sampled_from(cands))
+    cand = draw_split(g, data)
     grp = g.group(cand.site.anchor)
     assert grp.nonlinear  # split is only offered where a nonlinearity acts
 
@@ -612,9 +617,7 @@ def test_deepen_all_at_zero_preserves(spec):
 @given(net_specs(), st.data())
 def test_split_then_prune_copy_restores_widths(spec, data):
     _, g = build(spec)
-    cands = split_candidates(g)
-    assume(cands)
-    cand = data.draw(st.sampled_from(cands))
+    cand = draw_split(g, data)
     name, old = cand.site.anchor, g.group(cand.site.anchor).width
     g2 = morphir.apply(g, [cand])
     assert g2.group(name).width == old + 1
