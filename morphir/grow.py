@@ -143,6 +143,8 @@ class GrowConfig:
             raise MorphirError(f"top_fraction must be in (0, 1], got {self.top_fraction}")
         if self.lam < 0:
             raise MorphirError(f"lam must be non-negative, got {self.lam}")
+        if not self.confidence >= 0:
+            raise MorphirError(f"confidence must be non-negative, got {self.confidence}")
 
     @property
     def epochs(self) -> int:

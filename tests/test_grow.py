@@ -364,6 +364,19 @@ def test_cli_checks_validation_labels_and_refuses_a_resume_with_another_batch_si
     assert "batch size 32" in err and "batch size 16" in err
 
 
+def test_cli_confidence_withholds_growth_whose_estimate_is_within_its_noise(tmp_path: Path, npz: Path,
+                                                                            capsys) -> None:
+    assert grow_cli(tmp_path, npz, "paper") == 0
+    assert grow_cli(tmp_path, npz, "sure", "--confidence", "1e9") == 0
+    paper, sure = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("paper", "sure"))
+    assert paper["final_params"] > paper["seed_params"]  # the paper's rule grows
+    assert sure["final_params"] == sure["seed_params"]  # no estimate is 1e9 standard errors above zero
+    first = json.loads((tmp_path / "sure" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["applied"] == {} and first["estimated_gain"] is not None  # scored, nothing applied
+    assert grow_cli(tmp_path, npz, "bad", "--confidence", "-1") == 1
+    assert "confidence must be non-negative" in capsys.readouterr().err
+
+
 def test_select_with_confidence_discounts_the_standard_error() -> None:
     g = morphir.trace(small_net(), torch.zeros(1, 1, 8, 8))
     sure, noisy = scored(g, "split", 0, -0.50, 100), scored(g, "split", 1, -0.50, 100)
