@@ -21,6 +21,8 @@ verdict on 3 seeds is noise, and ``--seeds 20 --jobs 2`` measures it (about 37 m
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import multiprocessing
 import statistics
 import sys
@@ -81,18 +83,18 @@ def main(argv: list[str] | None = None) -> int:
     epochs = args.phases * args.phase_epochs
     start = time.perf_counter()
     seeds = range(args.seeds)
-    if args.jobs == 1:
-        results = (one_seed(s, args.phases, args.phase_epochs, max(1, min(2, torch.get_num_threads()))) for s in seeds)
-    else:  # spawned, not forked: a forked child inherits the parent's OpenMP pool and can hang in it
-        pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
-        results = pool.map(one_seed, seeds, *([v] * args.seeds for v in (args.phases, args.phase_epochs, 1)))
-    for seed, result in zip(seeds, results, strict=True):
-        for arm in ARMS:
-            rows[arm].append(result[arm])
-        print(f"seed {seed}: " + ", ".join(f"{k} {v[0]:.3f} ({v[1]:,} params)" for k, v in result.items()),
-              flush=True)
-    if args.jobs > 1:
-        pool.shutdown()
+    with contextlib.ExitStack() as stack:
+        if args.jobs == 1:
+            threads, mapper = max(1, min(2, torch.get_num_threads())), map
+        else:  # spawned, not forked: a forked child inherits the parent's OpenMP pool and can hang in it
+            threads, mapper = 1, stack.enter_context(
+                ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))).map
+        one = functools.partial(one_seed, phases=args.phases, phase_epochs=args.phase_epochs, threads=threads)
+        for seed, result in zip(seeds, mapper(one, seeds), strict=True):
+            for arm in ARMS:
+                rows[arm].append(result[arm])
+            print(f"seed {seed}: " + ", ".join(f"{k} {v[0]:.3f} ({v[1]:,} params)" for k, v in result.items()),
+                  flush=True)
 
     def mean(name: str) -> float:
         return 100 * statistics.mean(a for a, _ in rows[name])
