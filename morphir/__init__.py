@@ -62,6 +62,7 @@ from morphir.report import write_report
 from morphir.load import load_model, resolve_model
 from morphir.morphism import Candidate, Morphism, Registry, Site
 from morphir.optim_state import carry_state, rebuild_optimizer
+from morphir.redundancy import redundant_channels
 from morphir.rewrite import ChannelCopy, ParamEdit, Rewriter
 from morphir.scoring import (
     ScoreConfig,
@@ -105,6 +106,7 @@ __all__ = [
     "grow",
     "load_data",
     "recalibrate_batch_norm",
+    "redundant_channels",
     "retrain",
     "select",
     "write_report",

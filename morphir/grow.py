@@ -46,6 +46,7 @@ from morphir.graph import MorphGraph, trace
 from morphir.growers import Grower, Growth, GrowthStep, batch_loss, log_entry
 from morphir.morphism import Candidate, Registry
 from morphir.optim_state import rebuild_optimizer
+from morphir.redundancy import redundant_channels
 from morphir.scoring import LossFn, ScoreConfig
 from morphir.train import evaluate, to_device, train_epoch
 
@@ -190,6 +191,7 @@ class GrowResult:
             "phases": len(self.metrics),
             "epochs": last.get("epochs", 0),
             "morphisms_applied": _count_applied(self.metrics),
+            "redundant_channels": sum(last.get("redundant", {}).values()),
             "seconds": round(self.seconds, 2),
             "lam": self.config.lam,
             "resource": self.config.resource,
@@ -664,6 +666,7 @@ def _run_phase(state: _State, cfg: GrowConfig, train: Iterable[tuple[Any, Any]],
         "params": state.graph.num_params(),
         "flops": count_flops(state.graph),
         "widths": _widths(state.graph),
+        "redundant": redundant_channels(state.graph),
         "applied": {},
         "chosen": {},
     }

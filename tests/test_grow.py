@@ -81,6 +81,11 @@ def test_grow_runs_phases_grows_and_records_metrics() -> None:
     widths = res.metrics[-1]["widths"]
     assert res.graph.group("0").width == widths["0"]
     assert res.graph.module(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    # near-duplicate channels per group, measured on the widths of the same record
+    for m in res.metrics:
+        assert set(m["redundant"]) == set(m["widths"])
+        assert all(0 <= m["redundant"][g] <= m["widths"][g] for g in m["widths"])
+    assert res.summary()["redundant_channels"] == sum(res.metrics[-1]["redundant"].values())
 
 
 def test_growth_is_deterministic_for_a_seed() -> None:

@@ -7,7 +7,8 @@ For each of 3 seeds, all trained for the same number of epochs with the same opt
   (b) fixed a fixed-width vgg19 whose parameter count is closest to the grown net's
   (c) noise the same growth with θ left at its random start (Net2Net-style noise) instead of learned
 
-Prints a table (val accuracy mean ± std, params) and exits non-zero unless
+Prints a table (val accuracy mean ± std, params, the share of channels with a near-duplicate, see
+`morphir.redundant_channels`) and exits non-zero unless
 grown ≥ (b) − 0.5 points and grown > (c), on the mean.
 
     python tools/bench_growth.py [--seeds 3] [--phases 5] [--phase-epochs 20] [--jobs 1]
@@ -37,10 +38,14 @@ from _bench import verdict  # tools/ is the script's directory
 from morphir.data import load_data
 
 
-def run(model: torch.nn.Module, data, seed: int, phases: int, phase_epochs: int, **options) -> tuple[float, int]:
+Result = tuple[float, int, float]  # val accuracy, params, share of channels with a near-duplicate
+
+
+def run(model: torch.nn.Module, data, seed: int, phases: int, phase_epochs: int, **options) -> Result:
     res = morphir.grow(model, data.train, data.val, F.cross_entropy, progress=False, seed=seed, phases=phases,
                        phase_epochs=phase_epochs, **options)
-    return res.metrics[-1]["val_accuracy"], res.graph.num_params()
+    last = res.metrics[-1]
+    return last["val_accuracy"], res.graph.num_params(), sum(last["redundant"].values()) / sum(last["widths"].values())
 
 
 def build(seed: int, width: int | None = None) -> torch.nn.Module:
@@ -55,7 +60,7 @@ def closest_width(params: int) -> int:
 ARMS = ("grown", "(a) seed", "(b) fixed", "(c) noise")
 
 
-def one_seed(seed: int, phases: int, phase_epochs: int, threads: int) -> dict[str, tuple[float, int]]:
+def one_seed(seed: int, phases: int, phase_epochs: int, threads: int) -> dict[str, Result]:
     """The four nets of one seed (same data split and shuffles): arm -> (val accuracy, params)."""
     torch.set_num_threads(threads)
     data = load_data("digits", seed=seed, batch_size=64)
@@ -79,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.jobs < 1:
         parser.error("--seeds and --jobs must be at least 1")
-    rows: dict[str, list[tuple[float, int]]] = {arm: [] for arm in ARMS}
+    rows: dict[str, list[Result]] = {arm: [] for arm in ARMS}
     epochs = args.phases * args.phase_epochs
     start = time.perf_counter()
     seeds = range(args.seeds)
@@ -97,20 +102,21 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
 
     def mean(name: str) -> float:
-        return 100 * statistics.mean(a for a, _ in rows[name])
+        return 100 * statistics.mean(r[0] for r in rows[name])
 
     print(f"\ndigits, vgg19 seed, {args.seeds} seeds, {epochs} epochs each ({time.perf_counter() - start:.0f} s)\n")
-    print(f"| {'net':10} | {'val accuracy %':>16} | {'params':>15} |")
-    print(f"|{'-' * 12}|{'-' * 18}|{'-' * 17}|")
+    print(f"| {'net':10} | {'val accuracy %':>16} | {'params':>15} | {'near-duplicate channels':>23} |")
+    print(f"|{'-' * 12}|{'-' * 18}|{'-' * 17}|{'-' * 25}|")
     for name, vals in rows.items():
-        accs = [100 * a for a, _ in vals]
+        accs = [100 * r[0] for r in vals]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        params = statistics.mean(p for _, p in vals)
-        print(f"| {name:10} | {statistics.mean(accs):9.2f} ± {std:4.2f} | {params:15,.0f} |")
+        params = statistics.mean(r[1] for r in vals)
+        dup = 100 * statistics.mean(r[2] for r in vals)
+        print(f"| {name:10} | {statistics.mean(accs):9.2f} ± {std:4.2f} | {params:15,.0f} | {dup:22.0f}% |")
     # the seeds pair the nets (same data split and shuffles), so the paired differences and their
     # standard error say how far the verdict on the means is from noise
     for name in ("(b) fixed", "(c) noise"):
-        diffs = [100 * (g - b) for (g, _), (b, _) in zip(rows["grown"], rows[name], strict=True)]
+        diffs = [100 * (g[0] - b[0]) for g, b in zip(rows["grown"], rows[name], strict=True)]
         se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
         print(f"grown - {name}: {statistics.mean(diffs):+.2f} ± {se:.2f} points (mean ± standard error of "
               f"the per-seed differences: {', '.join(f'{d:+.2f}' for d in diffs)})")
