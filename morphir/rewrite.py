@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from morphir.channels import ChannelAnalysis, Layout
 from morphir.errors import InvariantError, MorphismError, TraceError
 
-__all__ = ["ChannelCopy", "ParamEdit", "Rewriter"]
+__all__ = ["ChannelCopy", "ParamEdit", "Rewriter", "batch_norm_after"]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,27 @@ class _Plan:
     overrides: list[tuple[int, ChannelCopy]] = field(default_factory=list)  # copies with rows/outgoing
 
 
+def batch_norm_after(graph, group: str) -> str | None:
+    """The batch norm that alone reads the output of ``group``'s single producer, by module name;
+    None when the group has several producers or anything else reads the producer.
+
+    Such a batch norm normalises each channel, so scaling a channel's incoming weights (and the
+    batch norm's running statistics alike) changes nothing downstream: only the channel's
+    effective learning rate, lr/‖w‖², which is what :meth:`Rewriter.split` uses it for.
+
+    >>> batch_norm_after(g, "features.0.0")
+    'features.0.1'
+    """
+    grp = graph.group(group)
+    if len(grp.producers) != 1:
+        return None
+    users = list(graph.node(grp.producers[0].node).users)
+    if len(users) != 1 or users[0].op != "call_module":
+        return None
+    name = str(users[0].target)
+    return name if isinstance(graph.submodule(name), nn.modules.batchnorm._BatchNorm) else None
+
+
 class Rewriter:
     """Collects the edits of one rewrite of ``graph`` (a working copy owned by the engine).
 
@@ -138,10 +159,45 @@ class Rewriter:
             )
         self._channels[key] = (tuple(copies), origin)
 
-    def split(self, group: str, channel: int, delta: Mapping[str, torch.Tensor] | None = None, *, origin: str = "split") -> None:
-        """Split ``channel`` in two: incoming weights ``w + delta`` and ``w − delta``, outgoing halved."""
-        neg = None if delta is None else {k: -v for k, v in delta.items()}
-        self.set_copies(group, channel, (ChannelCopy(delta, 0.5), ChannelCopy(neg, 0.5)), origin)
+    def split(self, group: str, channel: int, delta: Mapping[str, torch.Tensor] | None = None, *,
+              scales: tuple[float, float] = (1.0, 1.0), origin: str = "split") -> None:
+        """Split ``channel`` in two: incoming weights ``w + delta`` and ``w − delta``, outgoing halved.
+
+        ``scales`` (s₁, s₂): the copies' incoming weights become s₁(w + delta) and s₂(w − delta),
+        with the batch norm that directly follows the group's producer (see
+        :func:`batch_norm_after`) given running statistics scaled alike, so nothing downstream
+        changes (exactly in eval mode; in train mode up to the batch norm's ε).
+        """
+        if tuple(scales) == (1.0, 1.0):
+            neg = None if delta is None else {k: -v for k, v in delta.items()}
+            self.set_copies(group, channel, (ChannelCopy(delta, 0.5), ChannelCopy(neg, 0.5)), origin)
+            return
+        bn_name = batch_norm_after(self.graph, group)
+        if bn_name is None:
+            raise MorphismError(f"{origin}: the copies of a channel of group {group!r} can be rescaled only when "
+                                "a batch norm directly follows its single producer")
+        producer = self.graph.group(group).producers[0].module
+        conv, bn = self.graph.submodule(producer), self.graph.submodule(bn_name)
+        w = conv.weight.detach()[channel]
+        d = None if delta is None else delta.get(producer)
+        copies = []
+        for sign, s in zip((1.0, -1.0), scales, strict=True):
+            if not s > 0:
+                raise MorphismError(f"{origin}: a copy's scale must be positive, got {s}")
+            rows: dict[str, dict[str, torch.Tensor]] = {}
+            bias = getattr(conv, "bias", None)
+            if bias is not None:
+                rows[producer] = {"bias": bias.detach()[channel:channel + 1] * s}
+            if bn.track_running_stats and bn.running_mean is not None:
+                # (s·x − s·μ) / √(s²(σ² + ε) − ε + ε) = (x − μ) / √(σ² + ε)
+                var = (bn.running_var[channel:channel + 1] + bn.eps) * s * s - bn.eps
+                if not bool(torch.all(var > 0)):
+                    raise MorphismError(f"{origin}: scale {s} is too small for the batch norm {bn_name!r} of channel "
+                                        f"{channel} (its running variance would not stay positive)")
+                rows[bn_name] = {"running_mean": bn.running_mean[channel:channel + 1] * s, "running_var": var}
+            change = (s - 1.0) * w + (0.0 if d is None else sign * s * d.to(w))
+            copies.append(ChannelCopy({producer: change}, 0.5, rows=rows or None))
+        self.set_copies(group, channel, tuple(copies), origin)
 
     def remove(self, group: str, channel: int, *, origin: str = "remove") -> None:
         """Remove ``channel``; the constant it would output with zero incoming weights is folded

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from morphir import Candidate, Grower, Growth, GrowthStep, MorphGraph, apply_in_turn
+from morphir.passes.split import Split
 
 __all__ = ["Net2Net"]
 
@@ -45,7 +46,7 @@ class Net2Net(Grower):
     def _widen(self, step: GrowthStep, graph: MorphGraph) -> tuple[list[Candidate], dict[Candidate, torch.Tensor]]:
         gen = step.generator(1)
         by_group: dict[str, list[Candidate]] = {}
-        for c in step.candidates("split"):
+        for c in step.candidates(Split(fresh_norm=None)):  # the paper's plain copies
             by_group.setdefault(c.site.anchor, []).append(c)
         chosen, thetas = [], {}
         for group, cands in by_group.items():

@@ -59,6 +59,7 @@ from morphir import (
     apply,
 )
 from morphir.passes._channel_scoring import starts
+from morphir.passes.split import Split
 
 __all__ = [
     "SplittingSteepestDescent",
@@ -578,7 +579,7 @@ class SplittingSteepestDescent(Grower):
         >>> chosen, dirs, curv, skipped = SplittingSteepestDescent().directions(step)
         """
         graph = step.graph
-        cands = step.candidates("split")
+        cands = step.candidates(Split(fresh_norm=None))  # the paper's plain copies
         by_group: dict[str, list[Candidate]] = {}
         for c in cands:
             by_group.setdefault(c.site.anchor, []).append(c)

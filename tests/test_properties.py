@@ -621,16 +621,19 @@ def test_split_then_prune_copy_restores_widths(spec, data):
     name, old = cand.site.anchor, g.group(cand.site.anchor).width
     g2 = morphir.apply(g, [cand])
     assert g2.group(name).width == old + 1
-    # the new copy is appended at the end and starts with the same incoming weights (a producer that
-    # also reads the group, e.g. conv -> conv tied by a residual add, gets a new column as well)
+    # the new copy is appended at the end; both copies start with the original's incoming weights,
+    # scaled down to their fresh norms where a batch norm follows (a producer that also reads the
+    # group, e.g. conv -> conv tied by a residual add, gets a new column as well)
     grp = g.group(name)
     readers = {c.module for c in grp.consumers}
+    s1, s2 = cand.morphism.copy_scales(g, cand.site)
+    assert 0 < s2 <= 1 and 0 < s1 <= 1
     for p in grp.producers:
         w1, w2 = g.submodule(p.module).weight, g2.submodule(p.module).weight
         assert w2.shape[0] == old + 1
         if p.module not in readers:
-            assert torch.equal(w2[old], w1[cand.site.index]), p.module
-            assert torch.equal(w2[cand.site.index], w1[cand.site.index]), p.module
+            assert torch.allclose(w2[old], s2 * w1[cand.site.index], rtol=1e-5, atol=1e-7), p.module
+            assert torch.allclose(w2[cand.site.index], s1 * w1[cand.site.index], rtol=1e-5, atol=1e-7), p.module
     prune = [c for c in morphir.candidates(g2, "prune") if c.site == morphir.Site(name, old)]
     assert len(prune) == 1
     g3 = morphir.apply(g2, prune)

@@ -42,6 +42,7 @@ from torch.func import functional_call, vmap
 import morphir
 from morphir.data import digits_loaders
 from morphir.passes.s2d import DEFAULT_GRID, split_line_search, splitting_matrices
+from morphir.passes.split import Split
 from morphir.train import fit
 
 __all__ = ["Row", "measure", "direct_thetas", "plot", "table", "summary", "main"]
@@ -217,7 +218,9 @@ def measure(args: argparse.Namespace) -> tuple[str, list[Row]]:
     morphir.recalibrate_batch_norm(graph.module, batches)  # as the growth loop does before a step
     held = list(val)
     config = morphir.ScoreConfig(seed=args.seed, epochs=args.score_epochs)
-    scored = morphir.score(graph, batches, F.cross_entropy, morphisms=("split",), config=config)
+    # plain copies, whose rows _copy_rows finds by their θ; fresh norms would only rescale the copies
+    # behind their batch norm, the same function
+    scored = morphir.score(graph, batches, F.cross_entropy, morphisms=(Split(fresh_norm=None),), config=config)
     groups = list(dict.fromkeys(c.site.anchor for c in scored))
     group = args.group or groups[len(groups) // 2]
     if group not in groups:
