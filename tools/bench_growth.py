@@ -16,7 +16,7 @@ grown ≥ (b) − 0.5 points and grown > (c), on the mean.
 Single runs differ by a point or more with nothing but the seed (or the CPU thread count, i.e. the
 order of floating-point sums) changed, so the table is followed by the paired per-seed differences
 grown − (b) and grown − (c) with their standard error: when it is near the 0.5-point margin, the
-verdict on 3 seeds is noise, and ``--seeds 20 --jobs 2`` measures it (about 37 min on 2 cores).
+verdict on 3 seeds is noise, and ``--seeds 20 --jobs 2`` measures it (about 50 min on 2 cores).
 """
 
 from __future__ import annotations
