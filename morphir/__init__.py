@@ -37,7 +37,9 @@ from morphir.errors import (
 )
 from morphir.data import Data, load_data
 from morphir.export import check_onnx, compile, export_onnx, export_program
-from morphir.graph import LeafPolicy, MorphGraph, make_probe, trace
+from morphir.fidelity import Fidelity, check_fidelity
+from morphir.graph import LeafPolicy, MorphGraph, check_probe, make_probe
+from morphir.tracing import trace
 from morphir.grow import (
     GrowConfig,
     GrowResult,
@@ -86,6 +88,9 @@ __all__ = [
     "Data",
     "DataError",
     "ExportError",
+    "Fidelity",
+    "check_fidelity",
+    "check_probe",
     "GrowConfig",
     "GrowResult",
     "Grower",

@@ -98,6 +98,13 @@ def _prelu(ctx: RuleContext, node: fx.Node, module: nn.Module | None) -> None:
         follower("prelu", nonlinear=True)(ctx, node, module)
 
 
+def _batch_norm(ctx: RuleContext, node: fx.Node, module: nn.Module | None) -> None:
+    """A batch norm, and a batch norm fused with its activation (a subclass holding ``act``, as
+    timm's ``BatchNormAct2d``): per-channel parameters, nonlinear when it holds a nonlinearity."""
+    nonlinear = module is not None and any(isinstance(m, tuple(_NONLINEAR_MODULES)) for m in module.modules())
+    follower("batchnorm", nonlinear=nonlinear)(ctx, node, module)
+
+
 def _instance_norm(ctx: RuleContext, node: fx.Node, module: nn.Module | None) -> None:
     assert isinstance(module, nn.modules.instancenorm._InstanceNorm)
     if module.affine or module.track_running_stats:
@@ -293,7 +300,30 @@ def _getitem(ctx: RuleContext, node: fx.Node, module: nn.Module | None) -> None:
 
 
 def _ignore(ctx: RuleContext, node: fx.Node, module: nn.Module | None) -> None:
-    """Ops that return Python values about a tensor (size, dim): no channels involved."""
+    """Ops that return Python values about a tensor (dim, dtype): no channels involved."""
+
+
+def _size(ctx: RuleContext, node: fx.Node, module: nn.Module | None) -> None:
+    """``x.shape`` / ``x.size()``: reading the batch or spatial sizes is harmless, but a channel count
+    read as a number (``b, n, c = x.shape`` then ``reshape(b, n, c)`` of another tensor) is frozen into
+    what the code computes from it, so that group cannot change width."""
+    if node.op == "call_function" and not (len(node.args) > 1 and node.args[1] == "shape"):
+        return  # another attribute (dtype, device, ndim)
+    src = node.args[0]
+    lay = ctx.layout(src)
+    if lay is None:
+        return
+    why = f"its channel count is read as a number at node {node.name}"
+    dim = _arg(node, 1, "dim", None) if node.op == "call_method" else None
+    if dim is not None:
+        if isinstance(dim, int) and dim % lay.ndim == lay.axis:
+            ctx.block(lay, why)
+        return
+    for user in node.users:
+        index = user.args[1] if user.op == "call_function" and user.target is operator.getitem else None
+        if not isinstance(index, int) or index % lay.ndim == lay.axis:
+            ctx.block(lay, why)
+            return
 
 
 # -- tables ----------------------------------------------------------------------------------------
@@ -316,7 +346,7 @@ MODULE_RULES: dict[type, Rule] = {
     nn.ConvTranspose1d: blocking("transposed conv"),
     nn.ConvTranspose2d: blocking("transposed conv"),
     nn.Linear: _linear,
-    nn.modules.batchnorm._BatchNorm: follower("batchnorm"),
+    nn.modules.batchnorm._BatchNorm: _batch_norm,
     nn.modules.instancenorm._InstanceNorm: _instance_norm,
     nn.PReLU: _prelu,
     nn.LayerNorm: _layer_norm,
@@ -363,7 +393,7 @@ FUNCTION_RULES: dict[Any, Rule] = {
     torch.softmax: _softmax_like,
     F.layer_norm: blocking("layer_norm (functional) normalises over the channels"),
     F.group_norm: blocking("group_norm normalises groups of channels"),
-    getattr: _ignore,
+    getattr: _size,
 }
 
 METHOD_RULES: dict[str, Rule] = {
@@ -385,6 +415,6 @@ METHOD_RULES: dict[str, Rule] = {
     "chunk": _split_like,
     "split": _split_like,
     "softmax": _softmax_like,
-    "size": _ignore,
+    "size": _size,
     "dim": _ignore,
 }

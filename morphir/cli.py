@@ -13,9 +13,11 @@ Errors go to stderr as ``morphir: error: ...`` with exit status 1 (2 for bad arg
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -26,23 +28,76 @@ import torch
 
 from morphir.engine import candidates, default_registry
 from morphir.errors import MorphirError
-from morphir.graph import MorphGraph, trace
+from morphir.export import ONNX_ATOL, ONNX_RTOL
+from morphir.graph import MorphGraph
+from morphir.tracing import trace
 from morphir.load import ZOO_PREFIX, resolve_model
 from morphir.passes import builtin_growers
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "check_run_dir"]
 
 DEFAULT_SHAPE = (1, 3, 32, 32)
 
 
 def _shape(text: str) -> tuple[int, ...]:
     try:
-        dims = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+        dims = tuple(int(d) for d in text.replace("x", ",").split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a shape; write it as N,C,H,W, e.g. 1,3,32,32") from None
     if len(dims) < 2 or any(d < 1 for d in dims):
         raise argparse.ArgumentTypeError(f"{text!r} is not a shape of positive sizes with a batch dim, e.g. 1,3,32,32")
     return dims
+
+
+def _number(kind: type, *, low: float | None = None, strict: bool = False, high: float | None = None) -> Any:
+    """An argparse ``type`` for a finite number of ``kind`` within bounds (``strict``: above ``low``)."""
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if low is not None and (value <= low if strict else value < low):
+            raise argparse.ArgumentTypeError(f"{text} must be {'>' if strict else '>='} {low:g}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text} must be <= {high:g}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+_COUNT = _number(int, low=1)  # a positive integer
+_NATURAL = _number(int, low=0)  # an integer >= 0
+_SEED = _number(int, low=0, high=2**62)
+_POSITIVE = _number(float, low=0, strict=True)
+_NONNEGATIVE = _number(float, low=0)
+_CLASSES = _number(int, low=2)
+
+
+def _device(text: str) -> str:
+    """An argparse ``type`` for ``--device``: a device torch knows that this machine has."""
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu or cuda (cuda:N)") from None
+    if dev.type == "cpu":
+        return text
+    if dev.type != "cuda":
+        raise argparse.ArgumentTypeError(f"{text!r}: morphir runs on cpu or cuda, not {dev.type}")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine; use cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+def _onnx_tolerances(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--onnx-rtol", type=_NONNEGATIVE, default=ONNX_RTOL,
+                   help=f"the ONNX check allows max |Δ| <= atol + rtol · max |y| per output (default {ONNX_RTOL:g})")
+    p.add_argument("--onnx-atol", type=_NONNEGATIVE, default=ONNX_ATOL,
+                   help=f"the ONNX check's absolute part (default {ONNX_ATOL:g})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="zoo:NAME (see morphir.zoo.names()) or a file written by torch.save(module)")
     p.add_argument("--input-shape", type=_shape, default=None,
                    help="example input shape with batch, e.g. 1,3,32,32 (default for zoo models: 1,3,32,32)")
-    p.add_argument("--num-classes", type=int, default=10, help="classes of a zoo model (default 10)")
+    p.add_argument("--num-classes", type=_CLASSES, default=10, help="classes of a zoo model (default 10)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow classes other than torch.nn's when loading MODEL (runs code from the file)")
@@ -64,15 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="train briefly, then estimate every candidate's loss change (Gauss-Newton)")
     p.add_argument("model", help="zoo:NAME or a file written by torch.save(module)")
     p.add_argument("--data", default="digits", choices=["digits"], help="data set (default: digits)")
-    p.add_argument("--epochs", type=int, default=3, help="training epochs before scoring (default 3)")
-    p.add_argument("--batches", type=int, default=8, help="batches of --batch-size to score on (default 8)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=_NATURAL, default=3, help="training epochs before scoring (default 3)")
+    p.add_argument("--batches", type=_COUNT, default=8, help="batches of --batch-size to score on (default 8)")
+    p.add_argument("--batch-size", type=_COUNT, default=64)
     p.add_argument("--morphisms", default="split,prune", help="comma-separated morphisms to score (default split,prune)")
     p.add_argument("--exact", action="store_true", help="also measure each candidate's exact ΔL, and Spearman per group")
     p.add_argument("--plot", metavar="FILE.png", help="plot estimated against exact ΔL per group (needs --exact)")
-    p.add_argument("--top", type=int, default=20, help="rows of the table (default 20; --json lists all)")
+    p.add_argument("--top", type=_COUNT, default=20, help="rows of the table (default 20; --json lists all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_SEED, default=0)
     p.add_argument("--allow-pickle", action="store_true", help="see `morphir inspect --help`")
     p.set_defaults(func=_score)
 
@@ -82,44 +137,47 @@ def build_parser() -> argparse.ArgumentParser:
                    help="growth method (default gn, the Gauss-Newton method; see the README's comparison)")
     p.add_argument("--when", choices=["phases", "plateau"], default="phases",
                    help="grow after every phase (default) or when the training loss stops improving")
-    p.add_argument("--patience", type=int, default=3,
+    p.add_argument("--patience", type=_COUNT, default=3,
                    help="with --when plateau: epochs without a 1%% improvement of the training loss before growing")
-    p.add_argument("--budget-flops", type=float, default=None,
+    p.add_argument("--budget-flops", type=_POSITIVE, default=None,
                    help="stop when training plus growth steps have spent this many FLOPs (e.g. 2e12); the learning "
                         "rate follows the budget and the last phase runs until it is spent")
     p.add_argument("--data", default="digits",
                    help="digits (default), a .pt/.npz file with x, y [, x_val, y_val], or module:function returning "
                         "(train, val) loaders")
-    p.add_argument("--phases", type=int, default=5, help="training phases; a growth step follows each but the last (default 5)")
-    p.add_argument("--phase-epochs", type=int, default=20, help="epochs per phase (default 20)")
-    p.add_argument("--lam", type=float, default=None, help="λ of the criterion -ΔL > λ·ΔR (default 0: whatever is predicted to lower the loss)")
+    p.add_argument("--phases", type=_COUNT, default=5, help="training phases; a growth step follows each but the last (default 5)")
+    p.add_argument("--phase-epochs", type=_COUNT, default=20, help="epochs per phase (default 20)")
+    p.add_argument("--lam", type=_NONNEGATIVE, default=None, help="λ of the criterion -ΔL > λ·ΔR (default 0: whatever is predicted to lower the loss)")
     p.add_argument("--resource", choices=["params", "flops"], default="params", help="what ΔR counts (default params)")
-    p.add_argument("--top-fraction", type=float, default=0.3, help="most of a group's positive morphisms applied per phase")
-    p.add_argument("--confidence", type=float, default=0.0,
+    p.add_argument("--top-fraction", type=_number(float, low=0, strict=True, high=1), default=0.3, help="most of a group's positive morphisms applied per phase")
+    p.add_argument("--confidence", type=_NONNEGATIVE, default=0.0,
                    help="apply a morphism only when -ΔL minus this many standard errors of its estimate still "
                         "exceeds λ·ΔR (default 0: the paper's rule; 2 grows about a third fewer parameters on "
                         "digits at the same accuracy)")
-    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate at the start of the cosine schedule")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-classes", type=int, default=None, help="classes of a zoo model (default: from the labels)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--lr", type=_number(float, low=0, strict=True, high=1e3), default=0.05, help="SGD learning rate at the start of the cosine schedule")
+    p.add_argument("--batch-size", type=_COUNT, default=64)
+    p.add_argument("--num-classes", type=_CLASSES, default=None, help="classes of a zoo model (default: from the labels)")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda (cuda:N)")
     p.add_argument("--compile", action="store_true", help="also evaluate the grown net through torch.compile")
     p.add_argument("--retrain", action="store_true",
                    help="also train the found architecture from scratch for the same epochs and report both")
     p.add_argument("--theta", choices=["learned", "random"], default="learned", help=argparse.SUPPRESS)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_SEED, default=0)
     p.add_argument("--out", default="morphir-run", help="run directory (default ./morphir-run)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--allow-pickle", action="store_true", help="see `morphir inspect --help`")
+    _onnx_tolerances(p)
     p.set_defaults(func=_grow)
 
     p = sub.add_parser("export", help="export a model to ONNX (dynamic batch) and check it with onnxruntime")
     p.add_argument("model", help="zoo:NAME or a file written by torch.save(module) (e.g. a run's grown.pt)")
     p.add_argument("--onnx", required=True, metavar="OUT.onnx", help="where to write the ONNX file")
-    p.add_argument("--check", action="store_true", help="run onnxruntime and require max |Δ| <= 1e-4 against torch")
+    p.add_argument("--check", action="store_true",
+                   help="run the file in onnxruntime and require max |Δ| <= atol + rtol · max |y| against torch")
     p.add_argument("--input-shape", type=_shape, default=None, help="example input shape, e.g. 1,1,8,8")
-    p.add_argument("--num-classes", type=int, default=10, help="classes of a zoo model (default 10)")
+    p.add_argument("--num-classes", type=_CLASSES, default=10, help="classes of a zoo model (default 10)")
     p.add_argument("--allow-pickle", action="store_true", help="needed for a run's grown.pt (a saved GraphModule)")
+    _onnx_tolerances(p)
     p.set_defaults(func=_export)
 
     p = sub.add_parser("report", help="regenerate report.png and a self-contained report.html from a run directory")
@@ -137,7 +195,12 @@ def load_graph(spec: str, input_shape: tuple[int, ...] | None, num_classes: int,
     if spec.startswith(ZOO_PREFIX) and len(input_shape) != 4:
         raise MorphirError(f"zoo models take images: --input-shape must be N,C,H,W, got {','.join(map(str, input_shape))}")
     model = resolve_model(spec, input_shape=tuple(input_shape[1:]), num_classes=num_classes, allow_pickle=allow_pickle)
-    return trace(model, torch.zeros(input_shape))
+    try:
+        example = torch.zeros(input_shape)
+    except RuntimeError as exc:
+        raise MorphirError(f"--input-shape {','.join(map(str, input_shape))} is too large to allocate "
+                           f"({str(exc).splitlines()[0]})") from None
+    return trace(model, example)
 
 
 def inspect_report(graph: MorphGraph, spec: str) -> dict[str, Any]:
@@ -168,13 +231,31 @@ def inspect_report(graph: MorphGraph, spec: str) -> dict[str, Any]:
         "groups": groups,
         "growable_groups": sum(g["growable"] for g in groups),
         "candidates": counts,
+        "fidelity": graph.fidelity.as_dict() if graph.fidelity is not None else None,
     }
+
+
+def _fidelity_line(fid: dict[str, Any] | None) -> str:
+    if fid is None:
+        return "not checked"
+
+    def mode(name: str, err: float | None) -> str:
+        return f"{name} mode not checked" if err is None else f"{name} mode max |Δ| {err:.3g}"
+
+    text = f"the traced graph computes what the model computes ({mode('eval', fid['eval_error'])}, " \
+           f"{mode('train', fid['train_error'])})"
+    if fid["leaves"]:
+        text += f"; kept whole, as they read their training flag: {', '.join(fid['leaves'])}"
+    if fid["fixed_args"]:
+        text += f"; fixed to their defaults: {', '.join(fid['fixed_args'])}"
+    return text + "".join(f"; {n}" for n in fid["notes"])
 
 
 def _table(report: dict[str, Any]) -> str:
     lines = [
         f"{report['model']}: {report['nodes']} nodes, {report['params']:,} parameters, "
         f"{len(report['groups'])} channel groups ({report['growable_groups']} growable)",
+        f"fidelity: {_fidelity_line(report['fidelity'])}",
         "",
     ]
     rows = [("group", "width", "producers", "consumers", "growable")]
@@ -223,6 +304,8 @@ def _score(args: argparse.Namespace) -> int:
     val_loss, val_acc = evaluate(graph.module, val, F.cross_entropy)
     batches = [b for _, b in zip(range(args.batches), train)]
     names = [m.strip() for m in args.morphisms.split(",") if m.strip()]
+    if not names:
+        raise MorphirError("--morphisms names no morphism; give a comma-separated list, e.g. split,prune")
     cands = score(graph, batches, F.cross_entropy, names, config=ScoreConfig(seed=args.seed))
     exact = exact_delta_losses(graph, cands, batches, F.cross_entropy) if args.exact else [None] * len(cands)
     rows = [
@@ -264,6 +347,7 @@ def _plot(rows: list[dict[str, Any]], spearman: dict[str, float], path: str) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    matplotlib.rcParams["text.parse_math"] = False  # group names are text, not formulas (a CLI process: ours to set)
     keys = list(dict.fromkeys(f"{r['morphism']}@{r['group']}" for r in rows))
     cols = min(4, len(keys))
     fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, figsize=(3.2 * cols, 3.0 * math.ceil(len(keys) / cols)),
@@ -297,18 +381,32 @@ def _label_range(source: str, *loaders: Any) -> int:
     top = -1
     for batches in loaders:
         for _, y in batches:
-            if isinstance(y, torch.Tensor) and y.numel() and not y.dtype.is_floating_point:
+            if not isinstance(y, torch.Tensor) or y.dtype.is_floating_point or y.dtype.is_complex or \
+                    y.dtype == torch.bool or y.dim() != 1:
+                what = f"{y.dtype} of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+                raise DataError(f"{source}: labels are {what}; morphir grow trains classifiers: each batch's labels "
+                                "must be a 1-d tensor of integer class indices")
+            if y.numel():
                 if int(y.min()) < 0:
                     raise DataError(f"{source}: a class label is {int(y.min())}; labels must be 0, 1, ..., classes - 1")
                 top = max(top, int(y.max()))
+    if top >= _MAX_CLASSES:
+        raise DataError(f"{source}: a class label is {top}; more than {_MAX_CLASSES:,} classes are not class labels")
     return top
 
 
-def _check_fit(graph: MorphGraph, x: Any, top: int, source: str) -> None:
+_MAX_CLASSES = 1_000_000
+
+
+def _check_fit(graph: MorphGraph, x: Any, top: int, source: str, smallest: int | None = None) -> None:
     """Run the model on a small batch of the data before any training: a clear error if they do not fit."""
     from morphir.errors import DataError
 
     inputs = x if isinstance(x, tuple) else (x,)
+    for t in inputs:
+        if not isinstance(t, torch.Tensor) or t.is_complex():
+            what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise DataError(f"{source}: a batch holds {what} inputs; morphir trains on real-valued tensors")
     small = tuple(t[:2] for t in inputs)
     try:
         with torch.no_grad():
@@ -322,6 +420,29 @@ def _check_fit(graph: MorphGraph, x: Any, top: int, source: str) -> None:
         if out.dim() != 2 or out.shape[1] <= top:
             raise DataError(f"{source}: labels go up to {top} but the model outputs shape {tuple(out.shape)}; "
                             "it needs one logit per class (set --num-classes for a zoo model)")
+    if smallest == 1:
+        try:
+            copy.deepcopy(graph.module).train()(*(t[:1] for t in inputs))
+        except Exception as exc:  # noqa: BLE001 - the model cannot train on one sample (batch norm)
+            raise DataError(f"{source}: a training batch holds a single sample, and the model cannot train on one "
+                            f"({type(exc).__name__}: {str(exc).strip().splitlines()[0]}); use a --batch-size that "
+                            "leaves at least two samples in the last batch (or drop_last=True in your loader)") from None
+
+
+def _smallest_batch(batches: Any) -> int | None:
+    """The fewest samples a training batch of ``batches`` can hold, where the loader says (else None)."""
+    from torch.utils.data import DataLoader
+
+    if isinstance(batches, DataLoader) and batches.batch_size and hasattr(batches.dataset, "__len__"):
+        n, size = len(batches.dataset), batches.batch_size
+        if batches.drop_last:
+            return size if n >= size else None
+        return n if n < size else (n % size or size)
+    if isinstance(batches, (list, tuple)):
+        sizes = [b[0][0].shape[0] if isinstance(b[0], tuple) else b[0].shape[0] for b in batches
+                 if isinstance(b, (tuple, list)) and len(b) == 2]
+        return min(sizes) if sizes else None
+    return None
 
 
 def _grow(args: argparse.Namespace) -> int:
@@ -336,8 +457,6 @@ def _grow(args: argparse.Namespace) -> int:
     from morphir.grow import GrowConfig, atomic_write, grow, phase_summary, retrain
     from morphir.report import write_report
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise MorphirError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     options = {"phases": args.phases, "phase_epochs": args.phase_epochs, "resource": args.resource,
                "top_fraction": args.top_fraction, "confidence": args.confidence, "lr": args.lr, "seed": args.seed,
                "theta": args.theta, "method": args.method, "when": args.when, "patience": args.patience,
@@ -348,6 +467,7 @@ def _grow(args: argparse.Namespace) -> int:
     out = args.out
     if not args.resume and os.path.exists(os.path.join(out, "checkpoint.pt")):
         raise CheckpointError(f"{out} already holds a run; continue it with --resume or choose another --out")
+    check_run_dir(out, resume=args.resume)
     torch.manual_seed(args.seed)
     data = load_data(args.data, seed=args.seed, batch_size=args.batch_size)
     x0, y0 = first_batch(data.train, data.source)
@@ -358,7 +478,9 @@ def _grow(args: argparse.Namespace) -> int:
         graph = load_graph(args.model, (1, *first.shape[1:]), num_classes, args.allow_pickle)
     except TraceError as exc:
         raise DataError(f"{data.source}: samples of shape {tuple(first.shape[1:])} do not fit {args.model}: {exc}") from None
-    _check_fit(graph, x0, top_label, data.source)
+    _check_fit(graph, x0, top_label, data.source, _smallest_batch(data.train))
+    _check_fit(graph, first_batch(data.val, f"{data.source} (validation)")[0], top_label,
+               f"{data.source} (validation)")
     identity = f"{args.model} on {args.data}, batch size {args.batch_size}"
 
     def show(record: dict[str, Any]) -> None:
@@ -386,25 +508,38 @@ def _grow(args: argparse.Namespace) -> int:
         summary["compiled_val_loss"], summary["compiled_val_accuracy"] = evaluate(
             compiled, data.val, F.cross_entropy, device=torch.device(args.device))
     module.cpu()
-    text = json.dumps(summary, indent=2) + "\n"
     buffer = io.BytesIO()
     torch.save(module, buffer)
     try:
         atomic_write(Path(out, "grown.pt"), lambda f: f.write(buffer.getvalue()))
-        atomic_write(Path(out, "summary.json"), lambda f: f.write(text), binary=False)
     except OSError as exc:
-        raise MorphirError(f"could not write the run's outputs to {out} ({exc.strerror or exc}); the checkpoint "
-                           f"there is complete: free space and rerun with --resume to write them") from exc
-    write_report(out)
-    written = ["grown.pt", "summary.json", "metrics.jsonl", "report.png", "report.html", "checkpoint.pt"]
+        raise MorphirError(f"could not write {Path(out, 'grown.pt')} ({exc.strerror or exc}); the checkpoint there is "
+                           "complete: free space and rerun with --resume to write the run's outputs") from exc
+    written = ["grown.pt"]
+    exports: dict[str, str] = {}
     if export_program(module, os.path.join(out, "grown.pt2"), example) is not None:
         written.append("grown.pt2")
+        exports["grown.pt2"] = "written"
+    else:
+        exports["grown.pt2"] = "not written: torch.export cannot export the model (the warning above says why)"
+    onnx_failure: MorphirError | None = None
     try:
-        export_onnx(module, os.path.join(out, "grown.onnx"), example, check=True)
+        export_onnx(module, os.path.join(out, "grown.onnx"), example, check=True, rtol=args.onnx_rtol,
+                    atol=args.onnx_atol)
         written.append("grown.onnx")
+        exports["grown.onnx"] = "written and checked in onnxruntime"
     except MorphirError as exc:
-        print(f"wrote {', '.join(written)} to {out}")
-        raise MorphirError(f"the grown network could not be exported to ONNX: {exc}") from exc
+        onnx_failure = exc
+        exports["grown.onnx"] = f"not written: {exc}"
+    summary["exports"] = exports
+    text = json.dumps(summary, indent=2) + "\n"
+    try:
+        atomic_write(Path(out, "summary.json"), lambda f: f.write(text), binary=False)
+    except OSError as exc:
+        raise MorphirError(f"could not write {Path(out, 'summary.json')} ({exc.strerror or exc}); the checkpoint "
+                           "there is complete: free space and rerun with --resume to write the run's outputs") from exc
+    write_report(out)
+    written += ["summary.json", "metrics.jsonl", "report.png", "report.html", "checkpoint.pt"]
     acc = summary["val_accuracy"]
     line = (f"grown {args.model}: {summary['seed_params']:,} -> {summary['final_params']:,} params, "
             f"{summary['final_flops']:,} FLOPs, val accuracy {acc:.3f} after {summary['phases']} phases "
@@ -416,15 +551,63 @@ def _grow(args: argparse.Namespace) -> int:
     if args.compile:
         print(f"torch.compile: val accuracy {summary['compiled_val_accuracy']:.3f}")
     print(f"wrote {', '.join(written)} to {out}")
+    if onnx_failure is not None:
+        shape = ",".join(str(d) for d in (1, *first.shape[1:]))
+        retry = (f"morphir export {shlex.quote(str(Path(out, 'grown.pt')))} --onnx "
+                 f"{shlex.quote(str(Path(out, 'grown.onnx')))} --check --input-shape {shape} --allow-pickle "
+                 f"--onnx-rtol {args.onnx_rtol:g} --onnx-atol {args.onnx_atol:g}")
+        raise MorphirError(f"the grown network could not be exported to ONNX: {onnx_failure} Every other output is "
+                           f"written (summary.json records why); retry the export with:\n  {retry}")
     return 0
+
+
+def check_run_dir(out: str, *, resume: bool) -> None:
+    """Refuse, before any work, a run directory that cannot be written: a file, a path under one,
+    a directory that could not be created, or one where a file cannot be made (read-only). Nothing
+    is created here (a run that stops on bad data leaves no empty directory behind).
+
+    >>> check_run_dir("runs/vgg19", resume=False)
+    """
+    from morphir.errors import CheckpointError
+
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"--out {out} is a file, not a directory; choose another --out")
+    if not path.exists():
+        if resume:
+            raise CheckpointError(f"--out {out} does not exist: there is no run to resume; start it without --resume")
+        parent = path.absolute().parent
+        while not parent.exists():  # the run creates the missing directories: the first existing one decides
+            parent = parent.parent
+        if not parent.is_dir():
+            raise CheckpointError(f"--out {out} cannot be created: {parent} is a file, not a directory; choose a "
+                                  "writable place for the run")
+        probe_dir = parent
+    else:
+        probe_dir = path
+    probe = probe_dir / f".morphir-write-test-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"0")
+        probe.unlink()
+    except OSError as exc:
+        if resume:
+            advice = ("resuming writes checkpoints there: make it writable, or copy the run directory somewhere "
+                      "writable and resume there with --out")
+        else:
+            advice = "choose a writable place for the run"
+        where = "" if probe_dir == path else f" (nothing can be created in {probe_dir})"
+        raise CheckpointError(f"--out {out} is not writable{where} ({exc.strerror or exc}); {advice}") from None
 
 
 def _export(args: argparse.Namespace) -> int:
     from morphir.export import export_onnx
 
     graph = load_graph(args.model, args.input_shape, args.num_classes, args.allow_pickle)
-    path = export_onnx(graph, args.onnx, check=args.check)
-    print(f"wrote {path}" + (" (checked against onnxruntime: max |Δ| <= 1e-4)" if args.check else ""))
+    path = export_onnx(graph, args.onnx, check=args.check, rtol=args.onnx_rtol, atol=args.onnx_atol)
+    checked = (f" (checked against onnxruntime: max |Δ| <= {args.onnx_atol:g} + {args.onnx_rtol:g} · max |y|)"
+               if args.check else "")
+    print(f"wrote {path}{checked}")
     return 0
 
 

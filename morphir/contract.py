@@ -9,7 +9,8 @@ Checks, each raising :class:`ContractViolation` with the morphism and site:
 1. sites are found, each θ has the declared shape, and candidates' costs are integers;
 2. every candidate at θ = 0 preserves the output alone (all of them, or a sample per anchor)
    and all at once, and reports ``modified`` honestly (the engine verifies both);
-3. θ ≠ 0 changes the output (θ is live) for preserving morphisms;
+3. θ ≠ 0 changes the output (θ is live) for preserving morphisms, wherever what the candidate acts
+   on is not all zero on the probe batch (behind a dead ReLU no θ can show);
 4. the default θ rewrite runs, keeps the module names of the original graph, and changes
    the parameter count by the candidate's ``delta_params`` for morphisms that claim it exactly;
 5. the original graph is left untouched and ``morphir.*`` metadata does not survive a rewrite.
@@ -22,6 +23,7 @@ import random
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -29,6 +31,7 @@ from morphir.engine import apply, candidates, output_mismatch, rewrite
 from morphir.errors import MorphirError
 from morphir.graph import MorphGraph
 from morphir.morphism import Candidate, Morphism
+from morphir.verify import find_mismatch
 
 __all__ = ["ContractViolation", "ContractReport", "check_morphism", "calibrate"]
 
@@ -86,35 +89,36 @@ def _live_theta(graph: MorphGraph, cand: Candidate, gen: torch.Generator) -> tor
 
 
 @torch.no_grad()
-def _node_values(graph: MorphGraph) -> dict[str, torch.Tensor]:
-    values: dict[str, torch.Tensor] = {}
+def _reads_only_zeros(graph: MorphGraph, cand: Candidate) -> bool:
+    """Whether what the candidate acts on is all zero on the probe batch (a dead ReLU before it), so no
+    θ can show: every input of its group's producers, or the output of its anchor node."""
+    if cand.site.anchor not in graph.analysis.groups:
+        anchor = graph.node(cand.site.anchor)
+        found: list[Any] = []
 
-    class Recorder(torch.fx.Interpreter):
-        def run_node(self, n: torch.fx.Node):
-            out = super().run_node(n)
-            if isinstance(out, torch.Tensor):
-                values[n.name] = out
-            return out
+        class Recorder(torch.fx.Interpreter):
+            def run_node(self, n: torch.fx.Node) -> Any:
+                out = super().run_node(n)
+                if n is anchor:
+                    found.append(out)
+                return out
 
-    gm = graph.module
-    was_training = gm.training
-    gm.eval()
+        was = graph.module.training
+        graph.module.eval()
+        try:
+            Recorder(graph.module).run(*graph.probe_inputs)
+        finally:
+            graph.module.train(was)
+        return bool(found) and isinstance(found[0], torch.Tensor) and not bool(torch.any(found[0] != 0))
+    seen: list[torch.Tensor] = []
+    hooks = [graph.submodule(p.module).register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+             for p in graph.group(cand.site.anchor).producers]
     try:
-        Recorder(gm).run(*graph.probe_inputs)
+        graph.run_probe(graph.probe_inputs)
     finally:
-        gm.train(was_training)
-    return values
-
-
-def _inside_changed(graph: MorphGraph, other: MorphGraph) -> bool:
-    """Whether any node both graphs share (same name and shape) computes something different."""
-    before, after = _node_values(graph), _node_values(other)
-    for name, a in before.items():
-        b = after.get(name)
-        if b is not None and a.shape == b.shape and a.is_floating_point():
-            if float((a - b).abs().max()) > 1e-5 * (1 + float(a.abs().max())):
-                return True
-    return False
+        for h in hooks:
+            h.remove()
+    return bool(seen) and all(not bool(torch.any(x != 0)) for x in seen)
 
 
 def _sample(cands: list[Candidate], per_anchor: int | None) -> list[Candidate]:
@@ -181,16 +185,19 @@ def check_morphism(
         except MorphirError as exc:
             raise _fail(morphism, c, f"the θ = 0 rewrite failed: {exc}") from exc
         if morphism.preserving:
-            # piecewise-linear activations hide small θ (no kink crossed), so try growing scales
+            # piecewise-linear activations hide small θ (no kink crossed), so try growing scales, and the
+            # opposite sign (a new neuron whose random incoming weights a ReLU shuts off on every probe)
             theta = _live_theta(graph, c, gen)
-            for scale in (1.0, 4.0, 16.0):
+            for scale in (1.0, 4.0, 16.0, -1.0, -16.0):
                 moved = apply(graph, [c], {c: scale * theta}, verify=False)
                 err, tol = output_mismatch(graph, moved)
-                if err > tol or _inside_changed(graph, moved):  # a dead ReLU downstream can hide θ
+                if err > tol or find_mismatch(graph, moved) is not None:  # a dead ReLU downstream can hide θ
+                    live += 1
                     break
             else:
-                raise _fail(morphism, c, f"θ ≠ 0 (|θ| up to {16 * float(theta.norm()):.3g}) left the output unchanged: θ is dead")
-            live += 1
+                if not _reads_only_zeros(graph, c):  # a group fed by a dead ReLU: no θ can show
+                    raise _fail(morphism, c, f"θ ≠ 0 (|θ| up to {16 * float(theta.norm()):.3g}) left the output "
+                                "unchanged: θ is dead")
         default = morphism.default_theta(graph, c.site)
         grown_res = res if torch.equal(default, zero_theta[c]) else rewrite(graph, [c], verify=False)
         grown = grown_res.graph

@@ -87,6 +87,9 @@ def _tensor_pair(arrays: Mapping[str, Any], source: str, x_key: str, y_key: str)
                         f"{x_key!r} ({x.shape[0]})")
     if y.dtype.is_floating_point or y.dtype == torch.bool or y.dtype.is_complex:
         raise DataError(f"{source}: {y_key!r} holds {y.dtype}; class labels must be integers")
+    if x.is_complex():
+        raise DataError(f"{source}: {x_key!r} holds complex numbers ({x.dtype}); morphir trains on real inputs: "
+                        "split them into real and imaginary channels first")
     x = x.float()
     if not bool(torch.isfinite(x).all()):
         raise DataError(f"{source}: {x_key!r} contains NaN or infinite values")
@@ -121,12 +124,22 @@ def load_data(spec: str, *, seed: int = 0, batch_size: int = 64, val_fraction: f
     dict) or ``FILE.npz``: arrays ``x`` and ``y`` (integer labels), and optionally ``x_val`` and
     ``y_val``; without them a ``val_fraction`` is held out by ``seed``. ``module:function``: an
     importable function (the current directory is searched first) returning ``(train, val)``
-    iterables of ``(x, y)`` batches.
+    re-iterable ``(x, y)`` batches (a DataLoader, a list). This imports and runs code: give only
+    modules you trust. ``sys.path`` is restored afterwards, and an exception raised by the module or
+    the function is a :class:`DataError` that names it.
 
     >>> data = load_data("digits", seed=0, batch_size=64)
     >>> data = load_data("my_data.npz")
     >>> data = load_data("my_project.data:loaders")
     """
+    if not isinstance(spec, str) or not spec:
+        raise DataError(f"a data source is a non-empty string ('digits', a file, module:function), got {spec!r}")
+    if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
+        raise DataError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if not (isinstance(val_fraction, (int, float)) and 0 < val_fraction < 1):
+        raise DataError(f"val_fraction must be a number in (0, 1), got {val_fraction!r}")
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63):
+        raise DataError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     if spec == "digits":
         train, val = digits_loaders(seed=seed, batch_size=batch_size, val_fraction=val_fraction)
         return Data(_unseeded(train), val, "digits")
@@ -145,29 +158,66 @@ def load_data(spec: str, *, seed: int = 0, batch_size: int = 64, val_fraction: f
             if n_val >= len(y):
                 raise DataError(f"{spec}: {len(y)} samples are too few to hold out a validation set; add x_val, y_val")
             x, y, xv, yv = x[order[n_val:]], y[order[n_val:]], x[order[:n_val]], y[order[:n_val]]
-        train = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True)
+        if len(y) < 2:
+            raise DataError(f"{spec}: {len(y)} training sample is too few to train on; add samples")
+        train = _loader(TensorDataset(x, y), batch_size)
         return Data(train, DataLoader(TensorDataset(xv, yv), batch_size=batch_size), spec)
     if ":" in spec:
-        module_name, _, func_name = spec.partition(":")
+        return _from_function(spec)
+    raise DataError(f"{spec!r} is not a data source; use 'digits', a .pt or .npz file with x and y, or module:function")
+
+
+def _from_function(spec: str) -> Data:
+    """``module:function``: import the module (the current directory searched first) and call the
+    function. This runs the user's code; ``sys.path`` is left as it was found."""
+    module_name, _, func_name = spec.partition(":")
+    saved = list(sys.path)
+    try:
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
         try:
-            if os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())
-            func = getattr(importlib.import_module(module_name), func_name)
-        except (ImportError, AttributeError) as exc:
-            raise DataError(f"{spec}: cannot import the data function ({exc}); give module:function with the "
-                            "module importable from the current directory") from None
+            module = importlib.import_module(module_name)
+        except Exception as exc:  # noqa: BLE001 - importing runs the user's code: any failure is theirs
+            raise DataError(f"{spec}: cannot import module {module_name!r} ({type(exc).__name__}: {exc}); give "
+                            "module:function with the module importable from the current directory") from None
+        func = getattr(module, func_name, None)
+        if not callable(func):
+            raise DataError(f"{spec}: module {module_name!r} has no function {func_name!r}"
+                            + ("" if func is None else f" (it is a {type(func).__name__})"))
         try:
             loaders = func()
-            train, val = loaders
-        except (TypeError, ValueError) as exc:
-            raise DataError(f"{spec}: the data function must return (train, val) iterables of (x, y): {exc}") from None
-        return Data(train, val, spec)
-    raise DataError(f"{spec!r} is not a data source; use 'digits', a .pt or .npz file with x and y, or module:function")
+        except Exception as exc:  # noqa: BLE001 - the user's function failed: say so, naming it
+            raise DataError(f"{spec}: the data function {func_name}() raised {type(exc).__name__}: {exc}") from None
+    finally:
+        sys.path[:] = saved
+    try:
+        train, val = loaders
+    except (TypeError, ValueError):
+        raise DataError(f"{spec}: the data function must return (train, val) iterables of (x, y) batches, "
+                        f"got {type(loaders).__name__}") from None
+    for name, batches in (("train", train), ("val", val)):
+        try:
+            one_shot = iter(batches) is batches
+        except TypeError:
+            raise DataError(f"{spec}: the {name} data is a {type(batches).__name__}, not an iterable of (x, y) "
+                            "batches") from None
+        if one_shot:
+            raise DataError(f"{spec}: the {name} data is an iterator (e.g. a generator), which can be read only "
+                            "once; return a DataLoader or a list of (x, y) batches")
+    return Data(train, val, spec)
+
+
+def _loader(dataset: Any, batch_size: int) -> DataLoader:
+    """A shuffling loader over ``dataset`` (drawing from torch's global generator, seeded per epoch by
+    the caller) that never yields a batch of one sample, on which batch norm cannot train: when the
+    last batch would hold one, it is dropped (a different sample each epoch)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                      drop_last=len(dataset) > 1 and len(dataset) % batch_size == 1)
 
 
 def _unseeded(loader: DataLoader) -> DataLoader:
     """The same loader shuffling from torch's global generator (seeded per epoch by the caller)."""
-    return DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=True)
+    return _loader(loader.dataset, loader.batch_size)
 
 
 def first_batch(batches: Iterable[tuple[Any, Any]], source: str) -> tuple[Any, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch.utils._pytree import tree_leaves
@@ -20,12 +20,13 @@ from morphir.errors import InvariantError, MorphismError, PreservationError
 from morphir.graph import MorphGraph
 from morphir.morphism import Candidate, Morphism, Registry, Site, is_zero
 from morphir.rewrite import ParamEdit, Rewriter
+from morphir.verify import Mismatch, find_mismatch
 
 __all__ = ["PassResult", "default_registry", "morphisms", "candidates", "rewrite", "apply", "output_mismatch"]
 
 log = logging.getLogger(__name__)
 
-PRESERVATION_RTOL = 1e-5
+PRESERVATION_RTOL = 1e-5  # output_mismatch's tolerance; the engine's own check is morphir.verify's
 
 Theta = None | Literal["learned"] | Mapping[Candidate, torch.Tensor]
 
@@ -74,11 +75,16 @@ def candidates(graph: MorphGraph, morphism: str | Morphism, *, registry: Registr
     >>> cands = morphir.candidates(g, "split")
     >>> cands[0].site, cands[0].delta_params
     """
+    if not isinstance(graph, MorphGraph):
+        raise MorphismError(f"candidates expects a MorphGraph (from morphir.trace), got {type(graph).__name__}")
     m = morphism if isinstance(morphism, Morphism) else (registry or default_registry()).get(morphism)
     return m.candidates(graph)
 
 
 def _thetas(graph: MorphGraph, cands: Sequence[Candidate], theta: Theta) -> list[torch.Tensor]:
+    if not (theta is None or isinstance(theta, (str, Mapping))):
+        raise MorphismError(f"theta must be None, 'learned' or a mapping from candidate to θ, got "
+                            f"{type(theta).__name__}")
     out = []
     for c in cands:
         if isinstance(theta, str):
@@ -94,8 +100,22 @@ def _thetas(graph: MorphGraph, cands: Sequence[Candidate], theta: Theta) -> list
         expected = c.morphism.theta_shape(graph, c.site)
         if tuple(t.shape) != tuple(expected):
             raise MorphismError(f"θ for {c.name}@{c.site} has shape {tuple(t.shape)}; expected {tuple(expected)}")
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            raise MorphismError(f"θ for {c.name}@{c.site} holds NaN or infinite values; pass finite θ")
         out.append(t.detach())
     return out
+
+
+def _check_inputs(graph: Any, cands: Any, what: str) -> list[Candidate]:
+    if not isinstance(graph, MorphGraph):
+        raise MorphismError(f"{what} expects a MorphGraph (from morphir.trace), got {type(graph).__name__}")
+    if isinstance(cands, (str, Candidate)) or not isinstance(cands, Sequence):
+        raise MorphismError(f"{what} expects a list of candidates (from morphir.candidates), got "
+                            f"{type(cands).__name__}")
+    bad = [type(c).__name__ for c in cands if not isinstance(c, Candidate)]
+    if bad:
+        raise MorphismError(f"{what} expects candidates (from morphir.candidates), got {', '.join(sorted(set(bad)))}")
+    return list(dict.fromkeys(cands))
 
 
 def _by_morphism(items: Sequence[tuple[Candidate, torch.Tensor]]) -> list[tuple[Morphism, list[tuple[Site, torch.Tensor]]]]:
@@ -142,40 +162,47 @@ def output_mismatch(reference: MorphGraph, other: MorphGraph) -> tuple[float, fl
     return err, PRESERVATION_RTOL * (1 + scale)
 
 
-def _verify(graph: MorphGraph, items: Sequence[tuple[Candidate, torch.Tensor]], built: MorphGraph | None) -> None:
-    """Check that the θ = 0 rewrite of the preserving ``items`` keeps the output; name the culprit if not."""
+def _check(graph: MorphGraph, items: Sequence[tuple[Candidate, torch.Tensor]],
+           built: tuple[MorphGraph, Rewriter] | None = None) -> Mismatch | None:
+    work, rw = built if built is not None else _build(graph, items)[::2]
+    return find_mismatch(graph, work, edited=rw.edited_groups)
+
+
+def _verify(graph: MorphGraph, items: Sequence[tuple[Candidate, torch.Tensor]],
+            built: tuple[MorphGraph, Rewriter] | None) -> None:
+    """Check that the θ = 0 rewrite of the preserving ``items`` changes no activation (see
+    :mod:`morphir.verify`); name the culprit, the site and the node if it does."""
     if not items:
         return
-    zero_graph = built if built is not None else _build(graph, items)[0]
-    err, tol = output_mismatch(graph, zero_graph)
-    if err <= tol:
+    found = _check(graph, items, built)
+    if found is None:
         return
-    culprit, c_err, c_tol = _bisect(graph, list(items)) or (None, err, tol)
+    culprit = _bisect(graph, list(items))
     if culprit is None:
         names = ", ".join(sorted({f"{c.name}@{c.site}" for c, _ in items})[:5])
         raise PreservationError(
-            f"rewriting {len(items)} candidates together ({names}, ...) at θ = 0 changed the output by "
-            f"{err:.3g} (tolerance {tol:.3g}), though each alone preserves it. The original graph is unchanged."
+            f"rewriting {len(items)} candidates together ({names}, ...) at θ = 0 changed {found}, though each "
+            "alone preserves it. The original graph is unchanged."
         )
+    cand, found = culprit
     raise PreservationError(
-        f"morphism {culprit.name!r} at site {culprit.site} changed the output by {c_err:.3g} at θ = 0 "
-        f"(tolerance {c_tol:.3g}); its rewrite is not exact. The original graph is unchanged."
+        f"morphism {cand.name!r} at site {cand.site} changed {found} at θ = 0; its rewrite is not exact. "
+        "The original graph is unchanged."
     )
 
 
-def _bisect(graph: MorphGraph, items: list[tuple[Candidate, torch.Tensor]]) -> tuple[Candidate, float, float] | None:
-    """A single failing candidate, found by halving; None if only a combination fails."""
+def _bisect(graph: MorphGraph, items: list[tuple[Candidate, torch.Tensor]]) -> tuple[Candidate, Mismatch] | None:
+    """A single failing candidate and what it changed, found by halving; None if only a combination fails."""
     while len(items) > 1:
         half = len(items) // 2
         for part in (items[:half], items[half:]):
-            err, tol = output_mismatch(graph, _build(graph, part)[0])
-            if err > tol:
+            if _check(graph, part) is not None:
                 items = part
                 break
         else:
             return None
-    err, tol = output_mismatch(graph, _build(graph, items)[0])
-    return (items[0][0], err, tol) if err > tol else None
+    found = _check(graph, items)
+    return (items[0][0], found) if found is not None else None
 
 
 def rewrite(graph: MorphGraph, cands: Sequence[Candidate], theta: Theta = None, *, verify: bool = True) -> PassResult:
@@ -191,7 +218,7 @@ def rewrite(graph: MorphGraph, cands: Sequence[Candidate], theta: Theta = None, 
     >>> result.modified, result.graph.num_params() > g.num_params()
     (True, True)
     """
-    cands = list(dict.fromkeys(cands))
+    cands = _check_inputs(graph, cands, "rewrite")
     thetas = _thetas(graph, cands, theta)
     items = list(zip(cands, thetas))
     work, claimed, rw = _build(graph, items) if items else (graph.copy(), False, None)
@@ -205,7 +232,7 @@ def rewrite(graph: MorphGraph, cands: Sequence[Candidate], theta: Theta = None, 
     if verify:
         preserving = [(c, c.morphism.zero_theta(graph, c.site)) for c in cands if c.morphism.preserving]
         all_zero = len(preserving) == len(items) and all(is_zero(t) for t in thetas)
-        _verify(graph, preserving, work if all_zero else None)
+        _verify(graph, preserving, (work, rw) if all_zero else None)
     work.history = graph.history + tuple(f"{c.name}@{c.site}" for c in cands)
     log.debug("applied %d candidates; modified=%s", len(cands), actual)
     return PassResult(work, actual, tuple(cands), dict(rw.param_edits) if rw is not None else {})

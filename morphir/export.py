@@ -1,8 +1,9 @@
 """Shipping a grown network: ONNX files checked in onnxruntime, ``torch.export`` programs, compiled copies.
 
-Every file is written atomically: the export goes to a temporary file next to ``path`` and is
-moved into place only once it succeeded (and, for ONNX, passed its check), so a failure never
-leaves a half-written file at ``path`` and never removes one that was already there.
+Every file is built in memory first (and, for ONNX, checked in onnxruntime), then written to a
+temporary file next to ``path`` and moved into place, so a failure (a rejected op, a failed
+check, a full disk) never leaves a half-written file at ``path`` and never removes one that was
+already there.
 
 >>> import torch, morphir
 >>> from morphir.export import export_onnx
@@ -15,18 +16,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
+import math
 import os
 import pathlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
 from morphir.errors import ExportError
-from morphir.files import replacing
+from morphir.files import atomic_write
 from morphir.graph import MorphGraph
 
 __all__ = ["export_onnx", "export_program", "compile", "check_onnx"]
@@ -114,10 +117,11 @@ def _at_batch(inputs: tuple[torch.Tensor, ...], batch: int, seed: int = 0) -> tu
     return tuple(out)
 
 
-def _atomic_write(path: PathLike, what: str, write: Callable[[pathlib.Path], None], suffix: str = "") -> pathlib.Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then move it onto ``path``.
+def _write_bytes(path: PathLike, what: str, data: bytes) -> pathlib.Path:
+    """Write ``data`` to ``path`` through a temporary file beside it, moved into place when complete.
 
-    On any failure the temporary file is removed and ``path`` is left as it was.
+    Serialising happens before, in memory, so a full disk is a plain OSError here (never an abort
+    inside a C++ writer); on any failure ``path`` is left as it was.
     """
     target = pathlib.Path(path)
     directory = target.parent
@@ -127,11 +131,28 @@ def _atomic_write(path: PathLike, what: str, write: Callable[[pathlib.Path], Non
             "directory; create it first or choose another path."
         )
     try:
-        with replacing(target, suffix) as tmp:
-            write(tmp)
+        atomic_write(target, lambda f: f.write(data))
     except OSError as exc:
-        raise ExportError(f"cannot write {what} to {target}: {exc}. Choose a writable directory or another path.") from exc
+        raise ExportError(f"cannot write {what} to {target}: {exc.strerror or exc}. Free space, or choose a "
+                          "writable directory or another path.") from exc
     return target
+
+
+@contextlib.contextmanager
+def _exportable() -> Iterator[None]:
+    """Attention without its fused fast path: under no_grad in eval mode ``nn.MultiheadAttention``
+    calls ``aten::_native_multi_head_attention``, which ONNX cannot express; the plain path computes
+    the same with ops it can."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None:
+        yield
+        return
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)
 
 
 @contextlib.contextmanager
@@ -153,33 +174,43 @@ def _routed_warnings() -> Iterator[None]:
 
 
 # -- ONNX -------------------------------------------------------------------------------------------
+ONNX_ATOL = 1e-5
+ONNX_RTOL = 1e-4
+
+
 def export_onnx(
     model: Model,
     path: PathLike,
     example_inputs: Any = None,
     *,
     check: bool = True,
-    atol: float = 1e-4,
+    atol: float = ONNX_ATOL,
+    rtol: float = ONNX_RTOL,
     opset: int = 17,
 ) -> pathlib.Path:
     """Export ``model`` to an ONNX file with a dynamic batch dimension, checked in onnxruntime.
 
     ``model`` is a :class:`MorphGraph` (its example inputs are used unless ``example_inputs`` is given)
     or a ``torch.nn.Module`` (then ``example_inputs``, a tensor or tuple of tensors, is required).
-    The export runs in eval mode (the module's mode is restored after) with TorchScript's exporter;
-    inputs are named ``input``, ``input_1``, …, outputs ``output``, ``output_1``, …, and dimension 0
-    of each is the symbolic ``batch``. With ``check``, :func:`check_onnx` runs the file before it is
-    moved into place, so a file that does not match the module is never written.
+    The export runs in eval mode (the module's mode is restored after) with TorchScript's exporter,
+    attention on its plain (not fused) path; inputs are named ``input``, ``input_1``, …, outputs
+    ``output``, ``output_1``, …, and dimension 0 of each is the symbolic ``batch``. The file is
+    built in memory and, with ``check``, run by :func:`check_onnx`'s comparison before anything is
+    written, so a file that does not match the module is never written.
 
     Raises:
-        ExportError: no example inputs, an op the exporter rejects, an unwritable directory,
-            or (with ``check``) outputs that differ from torch's by more than ``atol``.
+        ExportError: no example inputs, an op the exporter rejects, an unwritable directory or a
+            full disk, or (with ``check``) outputs that are not finite or differ from torch's by more
+            than ``atol + rtol · max |y|``.
 
     >>> g = morphir.trace(morphir.zoo.build("resnet20", (1, 8, 8)), torch.randn(1, 1, 8, 8))
-    >>> export_onnx(g, "resnet20.onnx", atol=1e-4)
+    >>> export_onnx(g, "resnet20.onnx", rtol=1e-4)
     PosixPath('resnet20.onnx')
     """
     module, inputs = _resolve(model, example_inputs, "export_onnx")
+    _tolerances(atol, rtol)
+    if not isinstance(path, (str, os.PathLike)):
+        raise ExportError(f"export_onnx: path must be a str or os.PathLike, got {type(path).__name__}")
     target = pathlib.Path(path)
     bad = [type(t).__name__ for t in inputs if not isinstance(t, torch.Tensor)]
     if bad:
@@ -197,56 +228,74 @@ def export_onnx(
     in_names, out_names = _input_names(len(inputs)), _output_names(n_outputs)
     dynamic_axes = {name: {0: "batch"} for name, t in zip(in_names, inputs) if t.dim() > 0}
     dynamic_axes.update({name: {0: "batch"} for name in out_names})
-
-    def write(tmp: pathlib.Path) -> None:
+    buffer = io.BytesIO()
+    try:
+        with _eval_mode(module), _routed_warnings(), _exportable(), torch.no_grad():
+            torch.onnx.export(
+                module,
+                inputs,
+                buffer,
+                dynamo=False,
+                input_names=in_names,
+                output_names=out_names,
+                dynamic_axes=dynamic_axes,
+                opset_version=opset,
+            )
+    except Exception as exc:  # noqa: BLE001 - turned into a typed error with context
+        raise ExportError(
+            f"cannot export {target} to ONNX (opset {opset}): {type(exc).__name__}: {_first_line(exc)}. "
+            "Replace the op it names with one ONNX supports (or pass the opset the exporter names for it, "
+            f"if it names one); nothing was written to {target}."
+        ) from exc
+    data = buffer.getvalue()
+    if check:
         try:
-            with _eval_mode(module), _routed_warnings(), torch.no_grad():
-                torch.onnx.export(
-                    module,
-                    inputs,
-                    str(tmp),
-                    dynamo=False,
-                    input_names=in_names,
-                    output_names=out_names,
-                    dynamic_axes=dynamic_axes,
-                    opset_version=opset,
-                )
-        except Exception as exc:  # noqa: BLE001 - turned into a typed error with context
-            raise ExportError(
-                f"cannot export {target} to ONNX (opset {opset}): {type(exc).__name__}: {exc}. "
-                "Replace the op it names with one ONNX supports, or try another opset; "
-                f"nothing was written to {target}."
-            ) from exc
-        if check:
-            try:
-                _check(tmp, module, inputs, atol=atol, label=target)
-            except ExportError as exc:
-                raise ExportError(f"{exc} Nothing was written to {target}.") from exc
-
-    _atomic_write(target, "the ONNX file", write)
+            _check(data, module, inputs, atol=atol, rtol=rtol, label=target)
+        except ExportError as exc:
+            raise ExportError(f"{exc} Nothing was written to {target}.") from exc
+    _write_bytes(target, "the ONNX file", data)
     log.info("exported %s (opset %d, inputs %s)", target, opset, in_names)
     return target
 
 
-def check_onnx(path: PathLike, model: Model, example_inputs: Any = None, *, atol: float = 1e-4) -> float:
+def _tolerances(atol: float, rtol: float) -> None:
+    for name, value in (("atol", atol), ("rtol", rtol)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ExportError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def check_onnx(path: PathLike, model: Model, example_inputs: Any = None, *, atol: float = ONNX_ATOL,
+               rtol: float = ONNX_RTOL) -> float:
     """Run an ONNX file in onnxruntime and compare it with ``model`` in eval mode; return the max |Δ|.
 
-    Compares at the example inputs and at a second, different batch size (deterministic random
-    inputs of the same shape and dtype otherwise), which also checks that the batch is dynamic.
-    ``model`` is a MorphGraph (``example_inputs`` then defaults to its own) or an ``nn.Module``.
+    Each output must lie within ``atol + rtol · max |y|`` of torch's (y: that output in torch), at
+    the example inputs and at a second, different batch size (deterministic random inputs of the
+    same shape and dtype otherwise), which also checks that the batch is dynamic. Outputs that are
+    NaN or infinite in torch fail: nothing can be checked against them. ``model`` is a MorphGraph
+    (``example_inputs`` then defaults to its own) or an ``nn.Module``.
 
     Raises:
-        ExportError: the file does not load or run, or an output differs by more than ``atol``.
+        ExportError: the file does not load or run, torch's outputs are not finite, or an output
+            differs by more than the tolerance.
 
     >>> check_onnx("resnet20.onnx", g) < 1e-4
     True
     """
     module, inputs = _resolve(model, example_inputs, "check_onnx")
-    return _check(pathlib.Path(path), module, inputs, atol=atol, label=pathlib.Path(path))
+    _tolerances(atol, rtol)
+    if not isinstance(path, (str, os.PathLike)):
+        raise ExportError(f"check_onnx: path must be a str or os.PathLike, got {type(path).__name__}")
+    file = pathlib.Path(path)
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise ExportError(f"cannot read {file}: {exc.strerror or exc}") from exc
+    return _check(data, module, inputs, atol=atol, rtol=rtol, label=file)
 
 
 def _check(
-    file: pathlib.Path, module: torch.nn.Module, inputs: tuple[Any, ...], *, atol: float, label: pathlib.Path
+    data: bytes, module: torch.nn.Module, inputs: tuple[Any, ...], *, atol: float, rtol: float,
+    label: pathlib.Path
 ) -> float:
     import onnxruntime as ort  # imported here: a heavy import only checks need
 
@@ -255,9 +304,9 @@ def _check(
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     try:
-        session = ort.InferenceSession(str(file), sess_options=opts, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - turned into a typed error with context
-        raise ExportError(f"onnxruntime cannot load {label}: {exc}") from exc
+        raise ExportError(f"onnxruntime cannot load {label}: {_first_line(exc)}") from exc
     feeds_names = [i.name for i in session.get_inputs()]
     names = _input_names(len(inputs))
 
@@ -268,13 +317,23 @@ def _check(
 
     worst = 0.0
     for batch in batches:
-        expected = _run_torch(module, batch)
+        try:
+            expected = _run_torch(module, batch)
+        except Exception as exc:  # noqa: BLE001 - turned into a typed error with context
+            shapes = [tuple(t.shape) for t in batch]
+            raise ExportError(f"{label}: the module fails on inputs of shapes {shapes}: {type(exc).__name__}: "
+                              f"{_first_line(exc)}; pass example inputs the model accepts") from exc
+        at = f"at batch {batch[0].shape[0] if batch[0].dim() else '-'}"
+        for i, e in enumerate(expected):
+            if e.is_floating_point() and not bool(torch.isfinite(e).all()):
+                raise ExportError(f"{label}: the module's output {i} holds NaN or infinite values {at}, so "
+                                  "nothing can be checked against it; fix the model (its weights or inputs) first.")
         feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, batch) if n in feeds_names}
         try:
             got = session.run(None, feeds)
         except Exception as exc:  # noqa: BLE001 - turned into a typed error with context
             shapes = [tuple(t.shape) for t in batch]
-            raise ExportError(f"onnxruntime cannot run {label} on inputs of shapes {shapes}: {exc}") from exc
+            raise ExportError(f"onnxruntime cannot run {label} on inputs of shapes {shapes}: {_first_line(exc)}") from exc
         if len(got) != len(expected):
             raise ExportError(
                 f"{label} has {len(got)} outputs but the module returns {len(expected)}; re-export it."
@@ -284,20 +343,22 @@ def _check(
             if g.shape != e_np.shape:
                 raise ExportError(
                     f"{label}: output {i} has shape {g.shape} in onnxruntime but {tuple(e_np.shape)} in torch "
-                    f"at batch {batch[0].shape[0] if batch[0].dim() else '-'}; re-export with a dynamic batch."
+                    f"{at}; re-export with a dynamic batch."
                 )
-            if g.size:
-                g64, e64 = g.astype(np.float64), e_np.astype(np.float64)
-                diff = np.abs(g64 - e64)
-                diff[(g64 == e64) | (np.isnan(g64) & np.isnan(e64))] = 0.0  # equal infs, NaN where torch has NaN
-                worst = max(worst, float(np.nan_to_num(diff, nan=np.inf).max()))
-    if worst > atol:
-        raise ExportError(
-            f"{label} does not match the module: max |Δ| = {worst:.3g} exceeds atol = {atol:.3g} "
-            "(onnxruntime vs torch, eval mode). Check the file was exported from this module, "
-            "or raise atol if the difference is numerical noise."
-        )
-    log.debug("checked %s: max |Δ| = %.3g (atol %.3g)", label, worst, atol)
+            if not g.size:
+                continue
+            g64, e64 = g.astype(np.float64), e_np.astype(np.float64)
+            diff = float(np.nan_to_num(np.abs(g64 - e64), nan=np.inf).max())
+            worst = max(worst, diff)
+            tol = atol + rtol * float(np.abs(e64).max())
+            if not diff <= tol:
+                raise ExportError(
+                    f"{label} does not match the module: output {i} differs by max |Δ| = {diff:.3g} {at}, more "
+                    f"than atol + rtol · max |y| = {atol:.3g} + {rtol:.3g} · {float(np.abs(e64).max()):.3g} "
+                    "(onnxruntime vs torch, eval mode). Check the file was exported from this module, or raise "
+                    "rtol/atol (--onnx-rtol, --onnx-atol) if the difference is numerical noise."
+                )
+    log.debug("checked %s: max |Δ| = %.3g (atol %.3g, rtol %.3g)", label, worst, atol, rtol)
     return worst
 
 
@@ -311,25 +372,26 @@ def export_program(model: Model, path: PathLike, example_inputs: Any = None) -> 
     callers can write ``grown.pt2`` only where export works. Reload with ``torch.export.load``.
 
     Raises:
-        ExportError: no example inputs, or the directory is not writable.
+        ExportError: no example inputs, the directory is not writable, or the disk is full.
 
     >>> p = export_program(g, "grown.pt2")
     >>> torch.export.load(p).module()(torch.randn(4, 1, 8, 8)).shape
     torch.Size([4, 10])
     """
     module, inputs = _resolve(model, example_inputs, "export_program")
+    if not isinstance(path, (str, os.PathLike)):
+        raise ExportError(f"export_program: path must be a str or os.PathLike, got {type(path).__name__}")
     target = pathlib.Path(path)
     program = _export(module, inputs, target)
     if program is None:
         return None
 
-    def write(tmp: pathlib.Path) -> None:
-        try:
-            torch.export.save(program, str(tmp))
-        except Exception as exc:  # noqa: BLE001 - turned into a typed error with context
-            raise ExportError(f"cannot save the exported program to {target}: {exc}") from exc
-
-    _atomic_write(target, "the exported program", write, suffix=".pt2")
+    buffer = io.BytesIO()
+    try:
+        torch.export.save(program, buffer)
+    except Exception as exc:  # noqa: BLE001 - turned into a typed error with context
+        raise ExportError(f"cannot save the exported program to {target}: {_first_line(exc)}") from exc
+    _write_bytes(target, "the exported program", buffer.getvalue())
     log.info("saved exported program %s", target)
     return target
 

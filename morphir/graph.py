@@ -13,10 +13,8 @@ import contextlib
 import copy
 import io
 import logging
-import os
-import traceback
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
@@ -25,7 +23,10 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from morphir.channels import ChannelAnalysis, ChannelRules, Layout, analyse
 from morphir.errors import AnalysisError, TraceError
 
-__all__ = ["MorphGraph", "trace", "LeafPolicy"]
+if TYPE_CHECKING:
+    from morphir.fidelity import Fidelity
+
+__all__ = ["MorphGraph", "LeafPolicy", "make_probe", "check_probe"]
 
 log = logging.getLogger(__name__)
 
@@ -35,28 +36,6 @@ PROBE_BATCH = 8
 
 LeafPolicy = Callable[[torch.nn.Module, str], "bool | None"]
 """A callable ``(module, qualified_name) -> True | False | None``; None defers to torch.fx's default."""
-
-
-class _Tracer(fx.Tracer):
-    """torch.fx tracer whose leaf modules can be extended by types, qualified names or a policy."""
-
-    def __init__(self, leaf_types: tuple[type, ...] = (), leaf_names: frozenset[str] = frozenset(),
-                 policy: LeafPolicy | None = None):  # defaults: unpickling a saved GraphModule builds one bare
-        super().__init__()
-        self._leaf_types = leaf_types
-        self._leaf_names = leaf_names
-        self._policy = policy
-
-    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
-        if self._policy is not None:
-            verdict = self._policy(m, module_qualified_name)
-            if verdict is not None:
-                return bool(verdict)
-        if self._leaf_types and isinstance(m, self._leaf_types):
-            return True
-        if module_qualified_name in self._leaf_names:
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
 
 
 class MorphGraph:
@@ -79,15 +58,18 @@ class MorphGraph:
         probe_inputs: tuple[Any, ...] | None = None,
         rules: ChannelRules | None = None,
         history: Sequence[str] = (),
+        fidelity: Fidelity | None = None,
     ):
         self.module = module
         self.example_inputs = tuple(example_inputs)
         self.probe_inputs = tuple(probe_inputs) if probe_inputs is not None else make_probe(self.example_inputs)
         self.rules = rules if rules is not None else ChannelRules.default()
         self.history: tuple[str, ...] = tuple(history)
+        self.fidelity = fidelity  # what morphir.trace's fidelity check found (None: not checked)
         self._analysis: ChannelAnalysis | None = None
         self._incoming: dict[str, list[tuple[str, torch.Size]]] = {}
         self._probe_cache: tuple[Any, Any] | None = None
+        self._noise_cache: tuple[Any, Any] | None = None  # morphir.verify.noise_profile's
         self._valid_meta: set[str] = set()
         self.propagate_shapes()
 
@@ -270,20 +252,22 @@ class MorphGraph:
         return torch.cat(parts) if parts else torch.zeros(0)
 
     def unflatten_outgoing(self, group: str, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Cut a flat vector (as from :meth:`outgoing_weights`) into one block per consumer module."""
+        """Cut a flat vector (as from :meth:`outgoing_weights`) into one block per consumer module; a
+        module that reads the group at several places (``cat([pool(h), h])``) gets its blocks side by
+        side along dim 1, in the order of the group's consumers."""
         shapes = self.outgoing_shapes(group)
         total = sum(int(s.numel()) for _, s in shapes)
         if total != flat.numel():
             raise AnalysisError(
                 f"{flat.numel()} outgoing weights for group {group!r}; its consumers read {total} per channel"
             )
-        out: dict[str, torch.Tensor] = {}
+        parts: dict[str, list[torch.Tensor]] = {}
         start = 0
         for name, shape in shapes:
             n = int(shape.numel())
-            out[name] = flat[start : start + n].reshape(shape)
+            parts.setdefault(name, []).append(flat[start : start + n].reshape(shape))
             start += n
-        return out
+        return {name: torch.cat(blocks, dim=1) for name, blocks in parts.items()}
 
     # -- metadata ------------------------------------------------------------------------------
     def set_meta(self, node: fx.Node | str, key: str, value: Any) -> None:
@@ -309,6 +293,7 @@ class MorphGraph:
             self._analysis = None
             self._incoming = {}
             self._probe_cache = None
+            self._noise_cache = None
         else:
             self._valid_meta.discard(key)
 
@@ -321,9 +306,11 @@ class MorphGraph:
         new.probe_inputs = self.probe_inputs
         new.rules = self.rules
         new.history = self.history
+        new.fidelity = self.fidelity
         new._analysis = None
         new._incoming = {}
         new._probe_cache = None
+        new._noise_cache = None
         new._valid_meta = set(self._valid_meta)
         return new
 
@@ -332,84 +319,57 @@ class MorphGraph:
         return f"MorphGraph({type(self.module).__name__}, {n_nodes} nodes, {self.num_params()} params)"
 
 
-def make_probe(example_inputs: Sequence[Any], batch: int = PROBE_BATCH, seed: int = 0) -> tuple[Any, ...]:
+def make_probe(example_inputs: Sequence[Any], batch: int = PROBE_BATCH, seed: int = 0, *,
+               ranges: Sequence[tuple[int, int] | None] | None = None) -> tuple[Any, ...]:
     """A fixed random batch shaped like ``example_inputs`` (dim 0 widened to ``batch``).
 
-    Floating inputs are drawn from N(0, 1); integer inputs uniformly from their observed range.
+    Floating inputs are drawn from N(0, 1); integer inputs uniformly from ``ranges[i]`` (inclusive)
+    where given (e.g. ``(0, vocabulary − 1)`` for token ids), else from their observed range.
 
     >>> make_probe((torch.zeros(1, 3, 8, 8),))[0].shape
     torch.Size([8, 3, 8, 8])
     """
     gen = torch.Generator().manual_seed(seed)
     out: list[Any] = []
-    for x in example_inputs:
+    for i, x in enumerate(example_inputs):
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
             out.append(x)
             continue
         shape = (max(batch, x.shape[0]), *x.shape[1:])
         if x.is_floating_point():
             out.append(torch.randn(shape, generator=gen, dtype=x.dtype).to(x.device))
+        elif x.is_complex():
+            out.append(torch.randn(shape, generator=gen, dtype=x.dtype).to(x.device))
         elif x.dtype == torch.bool:
             out.append(torch.randint(0, 2, shape, generator=gen).bool().to(x.device))
         else:
-            lo, hi = int(x.min()), int(x.max())
+            given = ranges[i] if ranges is not None and i < len(ranges) else None
+            lo, hi = given if given is not None else (int(x.min()), int(x.max())) if x.numel() else (0, 0)
             out.append(torch.randint(lo, hi + 1, shape, generator=gen, dtype=x.dtype).to(x.device))
     return tuple(out)
 
 
-def trace(
-    model: torch.nn.Module,
-    example_inputs: torch.Tensor | Sequence[Any],
-    *,
-    leaf_modules: Iterable[type | str] = (),
-    leaf_policy: LeafPolicy | None = None,
-    concrete_args: dict[str, Any] | None = None,
-    rules: ChannelRules | None = None,
-    probe_inputs: Sequence[Any] | None = None,
-) -> MorphGraph:
-    """Trace ``model`` into a :class:`MorphGraph` with shapes recorded on every node.
+def check_probe(probe_inputs: Sequence[Any]) -> None:
+    """Refuse a probe batch that could not show a broken rewrite: every tensor input with a batch
+    dimension must hold at least two different samples, and floating inputs must be finite.
 
-    ``leaf_modules`` (module types or qualified names) and ``leaf_policy`` are kept as single
-    nodes instead of being traced through; ``concrete_args`` fixes Python-valued arguments.
-    The model itself is not modified: the graph owns a copy of its parameters.
+    Raises:
+        TraceError: naming the input and what to pass instead.
 
-    >>> g = morphir.trace(morphir.zoo.build("resnet20", (3, 32, 32)), torch.randn(1, 3, 32, 32))
-    >>> g.module.graph.lint()
+    >>> check_probe((torch.randn(8, 3),))
     """
-    if not isinstance(model, torch.nn.Module):
-        raise TraceError(f"trace expects a torch.nn.Module, got {type(model).__name__}")
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    leaf_types = tuple(x for x in leaf_modules if isinstance(x, type))
-    leaf_names = frozenset(x for x in leaf_modules if isinstance(x, str))
-    tracer = _Tracer(leaf_types, leaf_names, leaf_policy)
-    source = copy.deepcopy(model)
-    try:
-        fx_graph = tracer.trace(source, concrete_args=concrete_args)
-    except Exception as exc:  # noqa: BLE001 - any tracing failure becomes a TraceError with a location
-        raise TraceError(_explain_trace_failure(model, exc)) from exc
-    for node in fx_graph.nodes:
-        # string annotations (``from __future__ import annotations``) become string globals of the
-        # generated code, which GraphModule cannot pickle: drop them, they carry no semantics here
-        if isinstance(node.type, str):
-            node.type = None
-    gm = fx.GraphModule(tracer.root, fx_graph, type(model).__name__)
-    gm.train(model.training)
-    return MorphGraph(gm, inputs, probe_inputs=probe_inputs, rules=rules)
-
-
-def _explain_trace_failure(model: torch.nn.Module, exc: BaseException) -> str:
-    torch_dir = os.path.dirname(torch.__file__)
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)]
-    frames = [f for f in frames if os.path.basename(os.path.dirname(f.filename)) != "morphir"] or frames
-    where = ""
-    if frames:
-        f = frames[-1]
-        code = (f.line or "").strip()
-        where = f" at {f.filename}:{f.lineno}" + (f" `{code}`" if code else "") + f" (in {f.name})"
-    return (
-        f"torch.fx cannot trace {type(model).__name__}: {type(exc).__name__}: {exc}{where}. "
-        "Data-dependent Python (if/for on tensor values, tensor-valued shapes) cannot be traced: "
-        "mark the module that contains it as a leaf (trace(..., leaf_modules=[ThatModule]) or "
-        "leaf_policy=...), or fix the Python-valued arguments with concrete_args={...}."
-    )
-
+    tensors = [(i, x) for i, x in enumerate(probe_inputs) if isinstance(x, torch.Tensor) and x.dim() > 0]
+    if not tensors:
+        raise TraceError("the probe batch has no tensor input with a batch dimension; rewrites could not be "
+                         "checked on it: pass probe_inputs=(a batch of varied samples, ...) to morphir.trace")
+    for i, x in tensors:
+        what = f"probe input {i} ({x.dtype}, shape {tuple(x.shape)})"
+        if (x.is_floating_point() or x.is_complex()) and not bool(torch.isfinite(x).all()):
+            raise TraceError(f"{what} holds NaN or infinite values; pass finite probe_inputs to morphir.trace")
+        if x.shape[0] < 2 or bool((x == x[:1]).all()):
+            raise TraceError(
+                f"{what} is the same in every sample, so a rewrite that changes the function could go unseen "
+                "(an example input of one value, e.g. all-zero token ids, gives such a probe). Pass "
+                "probe_inputs=(a batch of at least two different samples, ...) to morphir.trace, or example "
+                "inputs that show the range of values the model takes."
+            )

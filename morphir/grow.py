@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import io
 import itertools
 import json
@@ -42,7 +43,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from morphir import files
 from morphir.engine import default_registry, rewrite
 from morphir.errors import CheckpointError, MorphirError, TrainingError
-from morphir.graph import MorphGraph, trace
+from morphir.graph import MorphGraph
+from morphir.tracing import trace
 from morphir.growers import Grower, Growth, GrowthStep, batch_loss, log_entry
 from morphir.morphism import Candidate, Registry
 from morphir.optim_state import rebuild_optimizer
@@ -68,7 +70,7 @@ log = logging.getLogger(__name__)
 _CPU = torch.device("cpu")
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
-_FORMAT = 2
+_FORMAT = 3  # 3: with a checksum of the content; 2 (no checksum) is still read
 
 
 @dataclass(frozen=True)
@@ -125,27 +127,42 @@ class GrowConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        def integer(name: str, low: int, value: Any) -> None:
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise MorphirError(f"{name} must be an integer >= {low}, got {value!r}")
+
+        def number(name: str, value: Any, *, low: float = 0.0, strict: bool = False, high: float | None = None) -> None:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+                and (value > low if strict else value >= low) and (high is None or value <= high)
+            if not ok:
+                bound = f"{'>' if strict else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+                raise MorphirError(f"{name} must be a finite number {bound}, got {value!r}")
+
         if self.when not in ("phases", "plateau"):
             raise MorphirError(f"when must be 'phases' or 'plateau', got {self.when!r}")
-        if self.patience < 1 or not 0 <= self.plateau_delta < 1:
-            raise MorphirError(f"patience must be >= 1 and plateau_delta in [0, 1), got {self.patience}, "
-                               f"{self.plateau_delta}")
-        if self.budget_flops is not None and not self.budget_flops > 0:
-            raise MorphirError(f"budget_flops must be positive, got {self.budget_flops}")
         if self.resource not in ("params", "flops"):
             raise MorphirError(f"resource must be 'params' or 'flops', got {self.resource!r}")
         if self.theta not in ("learned", "random"):
             raise MorphirError(f"theta must be 'learned' or 'random', got {self.theta!r}")
-        if self.phases < 1 or self.phase_epochs < 1:
-            raise MorphirError(f"phases and phase_epochs must be at least 1, got {self.phases} and {self.phase_epochs}")
-        if self.final_epochs is not None and self.final_epochs < 1:
-            raise MorphirError(f"final_epochs must be at least 1, got {self.final_epochs}")
-        if not 0 < self.top_fraction <= 1:
-            raise MorphirError(f"top_fraction must be in (0, 1], got {self.top_fraction}")
-        if self.lam < 0:
-            raise MorphirError(f"lam must be non-negative, got {self.lam}")
-        if not self.confidence >= 0:
-            raise MorphirError(f"confidence must be non-negative, got {self.confidence}")
+        integer("phases", 1, self.phases)
+        integer("phase_epochs", 1, self.phase_epochs)
+        if self.final_epochs is not None:
+            integer("final_epochs", 1, self.final_epochs)
+        integer("patience", 1, self.patience)
+        integer("seed", 0, self.seed)
+        if self.score_batches is not None:
+            integer("score_batches", 1, self.score_batches)
+        number("plateau_delta", self.plateau_delta, high=0.999999)
+        if self.budget_flops is not None:
+            number("budget_flops", self.budget_flops, strict=True)
+        number("top_fraction", self.top_fraction, strict=True, high=1.0)
+        number("lam", self.lam)
+        number("confidence", self.confidence)
+        number("lr", self.lr, strict=True)
+        number("momentum", self.momentum, high=0.999999)
+        number("weight_decay", self.weight_decay)
+        if not isinstance(self.morphisms, tuple) or not all(isinstance(m, str) for m in self.morphisms):
+            raise MorphirError(f"morphisms must be a tuple of morphism names, got {self.morphisms!r}")
 
     @property
     def epochs(self) -> int:
@@ -368,10 +385,38 @@ def _checkpoint(state: _State, cfg: GrowConfig, identity: str) -> dict[str, Any]
     }
 
 
+def _digest(value: Any) -> str:
+    """SHA-256 of a checkpoint's content: tensors by dtype, shape and bytes, containers in a canonical
+    order, other values by ``repr``; the same content always gives the same digest."""
+    h = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, Mapping):
+            h.update(b"{")
+            for k in sorted(x, key=repr):
+                feed(k)
+                feed(x[k])
+            h.update(b"}")
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[")
+            for v in x:
+                feed(v)
+            h.update(b"]")
+        else:
+            h.update(repr(x).encode() + b";")
+
+    feed(value)
+    return h.hexdigest()
+
+
 def _save_checkpoint(run_dir: Path, ckpt: Mapping[str, Any]) -> None:
     path = run_dir / CHECKPOINT
     buffer = io.BytesIO()  # serialise first: a failing file write is then a plain OSError
-    torch.save(dict(ckpt), buffer)
+    torch.save({**ckpt, "checksum": _digest(dict(ckpt))}, buffer)
     data = buffer.getvalue()
     for target, write in ((path, lambda f: f.write(data)),
                           (run_dir / METRICS, None)):
@@ -399,9 +444,64 @@ def _read_checkpoint(run_dir: Path) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - any failure to read is a corrupt checkpoint
         raise CheckpointError(f"{path}: cannot read the checkpoint ({type(exc).__name__}: {exc}); "
                               "it may be corrupt: start a fresh run in another directory") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != _FORMAT:
-        raise CheckpointError(f"{path}: not a morphir growth checkpoint (format {_FORMAT})")
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in (2, _FORMAT):
+        raise CheckpointError(f"{path}: not a morphir growth checkpoint (format 2 or {_FORMAT}); start a fresh run "
+                              "in another directory")
+    if ckpt["format"] == _FORMAT:
+        content = {k: v for k, v in ckpt.items() if k != "checksum"}
+        if ckpt.get("checksum") != _digest(content):
+            raise CheckpointError(f"{path}: the checkpoint's content does not match its checksum: it was changed or "
+                                  "damaged after it was written. Restore it from a copy, or start a fresh run in "
+                                  "another directory")
+    else:
+        log.warning("%s was written by an older morphir without a checksum: its integrity cannot be verified", path)
+    _validate(ckpt, path)
     return ckpt
+
+
+def _validate(ckpt: Mapping[str, Any], path: Path) -> None:
+    """Every field a resume reads, with its type and range; CheckpointError naming the first that is wrong."""
+
+    def bad(field: str, what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: field {field!r} {what}; the checkpoint is not one morphir wrote (or it "
+                               "was edited): start a fresh run in another directory")
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+    for key, ok, what in (
+        ("identity", lambda v: isinstance(v, str), "must be a string"),
+        ("config", lambda v: isinstance(v, str), "must be a JSON string"),
+        ("phase", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "must be an integer >= 0"),
+        ("epoch", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "must be an integer >= 0"),
+        ("flops", number, "must be a finite number >= 0"),
+        ("seconds", number, "must be a finite number >= 0"),
+        ("done", lambda v: isinstance(v, bool), "must be true or false"),
+        ("log", lambda v: isinstance(v, list) and all(isinstance(e, list) and all(isinstance(d, dict) for d in e)
+                                                      for e in v), "must be a list of lists of growth entries"),
+        ("model_state", lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor)
+                                                              for k, t in v.items()), "must map names to tensors"),
+        ("optimizer_state", lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, dict)
+                                                                  for k, t in v.items()),
+         "must map parameter names to optimizer states"),
+        ("metrics", lambda v: isinstance(v, str), "must be a JSON string"),
+    ):
+        if key not in ckpt:
+            raise bad(key, "is missing")
+        if not ok(ckpt[key]):
+            raise bad(key, f"{what}, not {type(ckpt[key]).__name__} {str(ckpt[key])[:40]!r}")
+    for key, kind in (("config", dict), ("metrics", list)):
+        try:
+            value = json.loads(ckpt[key])
+        except json.JSONDecodeError as exc:
+            raise bad(key, f"is not valid JSON ({exc.msg} at position {exc.pos})") from None
+        if not isinstance(value, kind):
+            raise bad(key, f"must hold a JSON {kind.__name__}")
+    metrics = json.loads(ckpt["metrics"])
+    if len(metrics) != ckpt["phase"] or not all(isinstance(m, dict) for m in metrics):
+        raise bad("metrics", f"holds {len(metrics)} records for {ckpt['phase']} finished phases")
+    if len(ckpt["log"]) > ckpt["phase"]:
+        raise bad("log", f"holds {len(ckpt['log'])} growth steps for {ckpt['phase']} finished phases")
 
 
 def _replay(graph: MorphGraph, log_: Sequence[Sequence[Mapping[str, Any]]], grower: Grower,
@@ -412,6 +512,10 @@ def _replay(graph: MorphGraph, log_: Sequence[Sequence[Mapping[str, Any]]], grow
             graph = grower.replay(graph, entries, registry)
         except CheckpointError as exc:
             raise CheckpointError(f"growth step {k + 1}: {exc}") from None
+        except (MorphirError, KeyError, TypeError, ValueError, IndexError) as exc:
+            raise CheckpointError(f"growth step {k + 1} of the checkpoint cannot be replayed ({type(exc).__name__}: "
+                                  f"{exc}); it is not this run's checkpoint: start a fresh run in another "
+                                  "directory") from None
     return graph
 
 
@@ -441,10 +545,14 @@ def _restore(seed_graph: MorphGraph, ckpt: Mapping[str, Any], cfg: GrowConfig, g
         diff = sorted(set(expected.items()) ^ set(actual.items()))[:4]
         raise CheckpointError("the checkpoint's weights do not fit the replayed architecture (e.g. "
                               + ", ".join(f"{k} {shape}" for k, shape in diff) + "): it was made from a different model")
-    module.load_state_dict(ckpt["model_state"])
-    module.to(device)
-    opt = _optimizer(module, cfg)
-    _load_state(module, opt, ckpt["optimizer_state"])
+    try:
+        module.load_state_dict(ckpt["model_state"])
+        module.to(device)
+        opt = _optimizer(module, cfg)
+        _load_state(module, opt, ckpt["optimizer_state"])
+    except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"the checkpoint's weights or optimizer state cannot be loaded ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0]}); start a fresh run in another directory") from None
     return _State(graph, opt, int(ckpt["phase"]), json.loads(ckpt["metrics"]), list(ckpt["log"]),
                   float(ckpt["seconds"]), int(ckpt["epoch"]), float(ckpt["flops"]), bool(ckpt["done"]))
 
@@ -506,18 +614,36 @@ def grow(
         options["method"] = method.name
     elif method is not None:
         options["method"] = method
+    known = {f.name for f in dataclasses.fields(GrowConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise MorphirError(f"unknown growth option(s) {', '.join(unknown)}; the options are GrowConfig's fields: "
+                           f"{', '.join(sorted(known))}")
+    if not callable(loss_fn):
+        raise MorphirError(f"loss_fn must be a callable (output, y) -> mean loss, got {type(loss_fn).__name__}")
     cfg = dataclasses.replace(config or GrowConfig(), **options)
     grower = resolve_grower(method if isinstance(method, Grower) else cfg.method)
     registry = registry or default_registry()
     for m in grower.morphisms():
         if m.name not in registry:
             registry = Registry([*registry, m])
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise MorphirError(f"{device!r} is not a device; use 'cpu' or 'cuda' (cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MorphirError(f"device {device!r}: CUDA is not available on this machine; use 'cpu'")
     if isinstance(model, MorphGraph):
         seed_graph = model.copy()
     else:
-        x0, _ = next(iter(train))
+        if not isinstance(model, nn.Module):
+            raise MorphirError(f"grow expects a torch.nn.Module or a MorphGraph, got {type(model).__name__}")
+        from morphir.data import first_batch
+
+        x0, _ = first_batch(train, "the training data")
         seed_graph = trace(copy.deepcopy(model), tuple(t[:1] for t in (x0 if isinstance(x0, tuple) else (x0,))))
+    if seed_graph.num_params() == 0:
+        raise MorphirError(f"{type(seed_graph.module).__name__} has no parameters: there is nothing to train or grow")
     seed_graph = grower.prepare(seed_graph, cfg)
     seed_params, seed_flops = seed_graph.num_params(), count_flops(seed_graph)
     out_dir = Path(run_dir) if run_dir is not None else None
@@ -534,6 +660,9 @@ def grow(
             old, new = json.loads(ckpt["config"]), settings
             diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k))
             raise CheckpointError(f"{out_dir / CHECKPOINT} was made with other settings ({diff}); resume with the same ones")
+        if ckpt["phase"] > cfg.phases:
+            raise CheckpointError(f"{out_dir / CHECKPOINT}: field 'phase' is {ckpt['phase']}, beyond the run's "
+                                  f"{cfg.phases} phases; the checkpoint is not this run's")
         state = _restore(seed_graph, ckpt, cfg, grower, registry, dev)
         state.grower_settings = grower.settings()
         log.info("resuming after phase %d of %d from %s", state.phase, cfg.phases, out_dir)

@@ -30,6 +30,7 @@ import logging
 import os
 import pickle
 import zipfile
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -150,11 +151,17 @@ def _check_file(path: str) -> str:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            damaged = archive.testzip()  # every member's CRC: a file changed in place fails here
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as exc:
         raise LoadError(
             f"model file {path!r} is truncated or corrupt ({exc}); the save was probably "
             f"interrupted or the copy is incomplete: {_HOW_TO_SAVE} again"
         ) from exc
+    if damaged is not None:
+        raise LoadError(
+            f"model file {path!r} is corrupt: its member {damaged!r} does not match its checksum (the file was "
+            f"changed or damaged after it was written); {_HOW_TO_SAVE} again"
+        )
     if any(n.endswith("/constants.pkl") for n in names):
         raise LoadError(
             f"model file {path!r} is a TorchScript archive (torch.jit.save); morphir rewrites "
@@ -272,7 +279,11 @@ def load_model(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> n
         model = load_model("net.pt")
         custom = load_model("mine.pt", allow_pickle=True)  # a file you trust only
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise LoadError(f"load_model expects a path (str or os.PathLike), got {type(path).__name__}")
     path = os.fspath(path)
+    if not isinstance(path, str):
+        raise LoadError(f"load_model expects a text path, got {type(path).__name__} {path!r}")
     fmt = _check_file(path)
 
     if fmt == "legacy":

@@ -16,6 +16,7 @@ temporary file in the same directory and moved into place, so a reader never see
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
@@ -26,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+import matplotlib
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -66,6 +68,8 @@ def read_run(run_dir: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], dic
     >>> [m["widths"]["features.0.0"] for m in metrics], summary.get("final_params")
     ([16, 19, 23], 1234567)
     """
+    if not isinstance(run_dir, (str, os.PathLike)):
+        raise MorphirError(f"read_run expects the path of a run directory, got {type(run_dir).__name__}")
     root = Path(run_dir)
     if not root.is_dir():
         raise MorphirError(f"{root}: no such directory; give the output directory of `morphir grow`")
@@ -83,6 +87,8 @@ def read_run(run_dir: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], dic
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise MorphirError(f"{where}: not valid JSON ({exc.msg}, column {exc.colno}); {_WHAT_TO_DO}") from None
+        except RecursionError:
+            raise MorphirError(f"{where}: JSON nested too deeply to be a phase record; {_WHAT_TO_DO}") from None
         _check_phase(obj, where)
         metrics.append(obj)
 
@@ -92,6 +98,8 @@ def read_run(run_dir: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], dic
         return metrics, {}
     try:
         summary = json.loads(_read_text(summary_path))
+    except RecursionError:
+        raise MorphirError(f"{summary_path}: JSON nested too deeply to be a run summary; {_WHAT_TO_DO}") from None
     except json.JSONDecodeError as exc:
         raise MorphirError(f"{summary_path}: not valid JSON ({exc.msg}, line {exc.lineno}); {_WHAT_TO_DO}") from None
     if not isinstance(summary, dict):
@@ -199,6 +207,20 @@ def _number(value: Any) -> float:
 # plots
 
 
+def _plain_text(draw: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``draw`` with matplotlib's mathtext off: layer and morphism names come from the user
+    (``$``, ``\\`` and ``_`` in them are text, never a formula that fails to parse)."""
+
+    @functools.wraps(draw)
+    def plain(*args: Any, **kwargs: Any) -> Any:
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return plain
+
+
+
+@_plain_text
 def plot_growth(metrics: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
     """Draw each layer's width in every phase, and the channels chosen to split and prune; write a PNG.
 
@@ -279,6 +301,7 @@ def plot_growth(metrics: Sequence[Mapping[str, Any]], path: str | os.PathLike[st
     return target
 
 
+@_plain_text
 def _metrics_png(metrics: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> bytes:
     """PNG bytes of val accuracy, train/val loss and params against phase."""
     fig = Figure(figsize=(11.0, 3.4), layout="constrained")
@@ -343,6 +366,8 @@ def write_report(run_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
     >>> page.name, png.name
     ('report.html', 'report.png')
     """
+    if not isinstance(run_dir, (str, os.PathLike)):
+        raise MorphirError(f"write_report expects the path of a run directory, got {type(run_dir).__name__}")
     root = Path(run_dir)
     metrics, summary = read_run(root)
     if not metrics:

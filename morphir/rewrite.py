@@ -227,6 +227,11 @@ class Rewriter:
         return all(c.module in corrections for c in grp.consumers)
 
     @property
+    def edited_groups(self) -> frozenset[str]:
+        """The groups whose channels the recorded edits change (what the θ = 0 check skips)."""
+        return frozenset(group for group, _ in self._channels)
+
+    @property
     def empty(self) -> bool:
         """True when nothing has been recorded."""
         return not self._channels and not self._inserts
@@ -457,11 +462,12 @@ def _folded_biases(graph, an: ChannelAnalysis, plans: Mapping[str, _Plan]) -> di
     return corrections
 
 
-def _new_offsets(layout: Layout, plans: Mapping[str, _Plan]) -> dict[str, int]:
-    """Where each group's segment starts along ``layout`` after the plans."""
-    out, offset = {}, 0
+def _new_offsets(layout: Layout, plans: Mapping[str, _Plan], group: str) -> list[tuple[int, int]]:
+    """``(new offset, inner)`` of every segment of ``group`` along ``layout`` after the plans."""
+    out, offset = [], 0
     for seg in layout.segments:
-        out.setdefault(seg.group, offset)
+        if seg.group == group:
+            out.append((offset, seg.inner))
         width = int(plans[seg.group].src.numel()) if seg.group in plans else seg.width
         offset += width * seg.inner
     return out
@@ -489,34 +495,39 @@ def _apply_overrides(gm: fx.GraphModule, an: ChannelAnalysis, plans: Mapping[str
             origin = f"new channel {j} of group {gname!r}"
             for mod_name, values in (cp.rows or {}).items():
                 if mod_name in producers:
-                    pos = slice(j, j + 1)
+                    positions = [slice(j, j + 1)]
                 else:
                     layout = an.follower_layouts.get(mod_name)
                     if layout is None:
                         raise MorphismError(f"{origin}: {mod_name!r} is neither a producer nor a follower of the group")
-                    seg = next(s for s in layout.segments if s.group == gname)
-                    start = _new_offsets(layout, plans)[gname] + j * seg.inner
-                    pos = slice(start, start + seg.inner)
+                    # a follower may carry the group more than once (after cat([h, h])): set every place
+                    positions = [slice(o + j * inner, o + (j + 1) * inner) for o, inner in
+                                 _new_offsets(layout, plans, gname)]
                 module = gm.get_submodule(mod_name)
-                for name, value in values.items():
-                    _set_row(module, name, pos, value, origin)
+                for pos in positions:
+                    for name, value in values.items():
+                        _set_row(module, name, pos, value, origin)
             for mod_name, value in (cp.outgoing or {}).items():
                 layout = an.consumer_layouts.get(mod_name)
-                seg = None if layout is None else next((s for s in layout.segments if s.group == gname), None)
-                if seg is None:
+                places = [] if layout is None else _new_offsets(layout, plans, gname)
+                if not places:
                     raise MorphismError(f"{origin}: {mod_name!r} does not read the group")
-                start = _new_offsets(layout, plans)[gname] + j * seg.inner
                 w = gm.get_submodule(mod_name).weight
-                block = w.data[:, start:start + seg.inner]
                 rows = produced.get(mod_name)
                 if rows is not None and value.shape[0] == plans[rows].old_width:
                     value = value[plans[rows].src.to(value.device)].clone()  # the consumer's own rows changed too
                     for k, _ in plans[rows].overrides:  # a new neuron there reads no other new neuron
                         value[k] = 0
-                if block.numel() != value.numel():
-                    raise MorphismError(f"{origin}: {mod_name} reads {tuple(block.shape)} weights from a channel, "
-                                        f"got {tuple(value.shape)}")
-                w.data[:, start:start + seg.inner] = value.reshape(block.shape).to(w)
+                reads = sum(inner for _, inner in places)
+                if value.dim() < 2 or value.shape[0] != w.shape[0] or value.shape[1] != reads or \
+                        tuple(value.shape[2:]) != tuple(w.shape[2:]):
+                    raise MorphismError(f"{origin}: {mod_name} reads {(w.shape[0], reads, *w.shape[2:])} weights from "
+                                        f"a channel, got {tuple(value.shape)}")
+                taken = 0
+                for offset, inner in places:  # the value's blocks, in the order the module reads the group
+                    start = offset + j * inner
+                    w.data[:, start:start + inner] = value[:, taken:taken + inner].to(w)
+                    taken += inner
 
 
 def _apply_channel_edits(graph, plans: Mapping[str, _Plan], edits: dict[str, ParamEdit] | None = None) -> None:

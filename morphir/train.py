@@ -64,6 +64,10 @@ def train_epoch(
         x, y = to_device(x, device), to_device(y, device)
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(_call(module, x), y)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise TrainingError(f"the loss function returned {shape} at {where}, step {step + 1}; it must return one "
+                                "number, the batch's mean loss (e.g. F.cross_entropy with reduction='mean')")
         value = float(loss.detach())
         if not math.isfinite(value):
             raise TrainingError(f"the training loss became {value} at {where}, step {step + 1}")

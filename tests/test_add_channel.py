@@ -67,3 +67,40 @@ def test_several_new_channels_in_chained_groups_at_once_preserve_at_zero_outgoin
     thetas = {c: morph.pack(g, c.site.anchor, incoming=torch.randn(g.incoming_numel(c.site.anchor))) for c in cands}
     grown = morphir.apply(g, cands, thetas)  # verified exact by the engine
     assert [grp.width for grp in grown.groups if grp.growable] == [7, 6]
+
+
+class ReadTwice(nn.Module):
+    """``h + h → max-pool → flatten`` and ``h → depthwise → flatten``, concatenated into one Linear: the
+    linear reads the group at two places (4 and 16 features per channel), and a batch norm after
+    ``cat([h, h])`` carries it twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 1)
+        self.dw = nn.Conv2d(3, 3, 1, groups=3)
+        self.norm = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(3 * 4 + 3 * 16 + 6, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        twice = self.norm(torch.cat([h, h], 1)).mean((2, 3))
+        y = torch.cat([torch.flatten(F.max_pool2d(h + h, 2), 1), torch.flatten(self.dw(h), 1), twice], 1)
+        return self.fc(y)
+
+
+def test_a_group_read_at_several_places_gets_each_of_its_new_weights() -> None:
+    torch.manual_seed(0)
+    g = morphir.trace(ReadTwice().eval(), torch.randn(2, 2, 4, 4))
+    assert [(c.module, c.segment.inner) for c in g.group("conv").consumers] == [("fc", 4), ("fc", 16), ("fc", 1),
+                                                                               ("fc", 1)]
+    morph = AddChannel()
+    cand = next(c for c in morphir.candidates(g, morph) if c.site.anchor == "conv")
+    v, u = torch.randn(g.incoming_numel("conv")), torch.randn(g.outgoing_numel("conv"))
+    assert u.numel() == 2 * (4 + 16 + 1 + 1)
+    morphir.apply(g, [cand], {cand: morph.pack(g, "conv", incoming=v)})  # outgoing 0: verified exact
+    grown = morphir.apply(g, [cand], {cand: morph.pack(g, "conv", incoming=v, outgoing=u)}, verify=False)
+    assert torch.allclose(grown.incoming_weights("conv", 3), v)
+    assert torch.allclose(grown.outgoing_weights("conv", 3), u)  # every place it is read, in order
+    norm = grown.submodule("norm")  # fresh statistics at both places the batch norm carries the channel
+    assert norm.num_features == 8
+    assert norm.running_mean[[3, 7]].tolist() == [0.0, 0.0] and norm.running_var[[3, 7]].tolist() == [1.0, 1.0]

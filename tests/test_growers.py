@@ -133,7 +133,7 @@ def test_a_flops_budget_stops_the_run_and_drives_the_schedule() -> None:
     second = res.metrics[1]
     share = res.metrics[0]["train_flops"] / budget
     assert second["lr"] == pytest.approx(0.5 * 0.05 * (1 + math.cos(math.pi * share)))
-    with pytest.raises(morphir.MorphirError, match="budget_flops must be positive"):
+    with pytest.raises(morphir.MorphirError, match="budget_flops must be a finite number > 0"):
         morphir.GrowConfig(budget_flops=0)
 
 

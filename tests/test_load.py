@@ -213,7 +213,23 @@ def test_corrupt_pickle_inside_zip(plain_file, tmp_path):
     with pytest.raises(LoadError) as info:
         load_model(path)
     _assert_names_path(info.value, path)
-    assert info.value.__cause__ is not None
+    # found by the archive's checksums before anything is unpickled
+    assert "corrupt" in str(info.value) and "data.pkl" in str(info.value) and "checksum" in str(info.value)
+
+
+def test_a_weight_changed_in_place_is_refused(plain_file, tmp_path):
+    _, good = plain_file
+    data = bytearray(good.read_bytes())
+    with zipfile.ZipFile(good) as archive:
+        name = next(n for n in archive.namelist() if "/data/" in n)
+        storage = archive.read(name)
+    start = data.find(storage)
+    assert start > 0
+    data[start:start + 8] = bytes(b ^ 0xFF for b in data[start:start + 8])  # same size, other weights
+    path = tmp_path / "flipped.pt"
+    path.write_bytes(bytes(data))
+    with pytest.raises(LoadError, match="does not match its checksum"):
+        load_model(path)
 
 
 def test_text_file(tmp_path):

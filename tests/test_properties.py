@@ -658,7 +658,7 @@ def test_random_rewrite_sequences(spec, data):
     y0 = probe_out(g)
     steps = 0
     for _ in range(data.draw(st.integers(2, 4), label="steps")):
-        kind = data.draw(st.sampled_from(["split", "prune", "deepen"]), label="morphism")
+        kind = data.draw(st.sampled_from(["split", "prune", "deepen", "add_channel"]), label="morphism")
         cands = morphir.candidates(g, kind)
         if not cands:
             continue
@@ -677,7 +677,15 @@ def test_random_rewrite_sequences(spec, data):
         y2 = probe_out(g2)
         assert y2.shape == y0.shape and torch.isfinite(y2).all()
         w1, w2 = widths(g), widths(g2)
-        if kind == "deepen":
+        if kind == "add_channel":  # θ = 0: a new channel nothing reads yet
+            err, tol = morphir.output_mismatch(g, g2)
+            assert err <= tol
+            # each candidate's delta_params is exact alone (the contract suite checks it); new channels of
+            # a group and of one that reads it also meet in the reader's weight, which adds their corner
+            assert g2.num_params() >= g.num_params() + sum(c.delta_params for c in chosen)
+            grew = {k: sum(c.site.anchor == k for c in chosen) for k in w1}
+            assert w2 == {k: w + grew[k] for k, w in w1.items()}
+        elif kind == "deepen":
             err, tol = morphir.output_mismatch(g, g2)
             assert err <= tol
             # growable groups keep name and width (a group tied to the input has no producer of its
@@ -700,11 +708,12 @@ def test_random_rewrite_sequences(spec, data):
 
 
 # -- 9. the library's own contract suite ----------------------------------------------------------------
-@settings(max_examples=n(12), **SETTINGS)
-@given(net_specs(), st.sampled_from(["split", "prune", "deepen"]))
+@settings(max_examples=n(16), **SETTINGS)
+@given(net_specs(), st.sampled_from(morphir.morphisms()))
 def test_builtin_morphisms_pass_their_contract(spec, name):
-    """morphir.contract.check_morphism on random nets: θ = 0 exact alone and all at once, honest
-    ``modified``, live θ, delta_params, module names kept, original untouched."""
+    """morphir.contract.check_morphism on random nets, for every registered morphism (add_channel
+    too): θ = 0 exact alone and all at once, honest ``modified``, live θ, delta_params, module names
+    kept, original untouched."""
     _, g = build(spec)
     morphism = morphir.default_registry().get(name)
     assume(morphir.candidates(g, morphism))
