@@ -40,6 +40,7 @@ from morphir.export import check_onnx, compile, export_onnx, export_program
 from morphir.fidelity import Fidelity, check_fidelity
 from morphir.graph import LeafPolicy, MorphGraph, check_probe, make_probe
 from morphir.tracing import trace
+from morphir.verify import Mismatch, find_mismatch, noise_profile
 from morphir.grow import (
     GrowConfig,
     GrowResult,
@@ -89,6 +90,9 @@ __all__ = [
     "DataError",
     "ExportError",
     "Fidelity",
+    "Mismatch",
+    "find_mismatch",
+    "noise_profile",
     "check_fidelity",
     "check_probe",
     "GrowConfig",

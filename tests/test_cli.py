@@ -1,6 +1,7 @@
 """The `morphir` command: inspect, safe loading, and errors with a non-zero exit."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -28,6 +29,22 @@ def test_inspect_json_is_valid_and_complete(capsys) -> None:
     assert report["candidates"] == {"split": 256, "prune": 256, "deepen": 32, "add_channel": 256}
     blocked = {g["name"]: g["blocked"] for g in report["groups"] if not g["growable"]}
     assert blocked == {"@x": ["network input"], "classifier": ["network output"]}
+    assert report["fidelity"] == {"eval_error": 0.0, "train_error": 0.0, "leaves": [], "fixed_args": [],
+                                  "notes": []}
+
+
+def test_inspect_reports_the_fidelity_check_and_what_it_kept_whole(tmp_path, capsys) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from lookalikes import EfficientNetLike
+
+    torch.save(EfficientNetLike(), tmp_path / "eff.pt")
+    assert main(["inspect", str(tmp_path / "eff.pt"), "--input-shape", "1,3,8,8", "--allow-pickle"]) == 0
+    out = capsys.readouterr().out
+    assert "fidelity: the traced graph computes what the model computes (eval mode max |Δ| 0, train mode max " \
+           "|Δ| 0); kept whole, as they read their training flag: blocks.0.stochastic_depth, " \
+           "blocks.1.stochastic_depth" in out
 
 
 def test_inspect_table_shows_groups_and_reasons(capsys) -> None:

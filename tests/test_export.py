@@ -258,3 +258,44 @@ def test_compile_to_cuda_without_cuda_is_an_export_error(monkeypatch: pytest.Mon
         compile(g, "cuda")
     with pytest.raises(ExportError, match="not a device"):
         compile(g, "warp-drive")
+
+
+# -- attention and relative tolerances ------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["vit_like", "vit_zero_head", "sdp_attention"])
+def test_attention_exports_and_checks_in_onnxruntime(name: str, tmp_path: Path) -> None:
+    from lookalikes import LOOKALIKES
+
+    ctor, shape = LOOKALIKES[name]
+    torch.manual_seed(0)
+    g = morphir.trace(ctor(), torch.randn(2, *shape))
+    path = export_onnx(g, tmp_path / f"{name}.onnx")  # checked at two batch sizes before it is written
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert not any("MultiHeadAttention" in op for op in ops) and "MatMul" in ops
+    assert check_onnx(path, g) <= 1e-5
+    assert [i.name for i in onnx.load(str(path)).graph.input] == ["input"]  # no is_causal, no mask input
+
+
+class BigLogits(torch.nn.Module):
+    """Logits near 300, as a grown net's can be: float32 rounding alone differs by ~1e-5 there."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = torch.nn.Linear(64, 256)
+        self.fc2 = torch.nn.Linear(256, 10)
+        with torch.no_grad():
+            self.fc2.weight.mul_(400.0)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def test_the_onnx_check_is_relative_to_each_outputs_scale(tmp_path: Path) -> None:
+    net, x = BigLogits(), torch.randn(1, 1, 8, 8)
+    path = export_onnx(net, tmp_path / "big.onnx", x)
+    worst = check_onnx(path, net, x)
+    scale = float(torch_run(net, x).__abs__().max())
+    assert scale > 100 and 0 < worst <= 1e-5 + 1e-4 * scale
+    with pytest.raises(ExportError, match="more than atol"):  # the same file, held to rtol = 0
+        check_onnx(path, net, x, atol=worst / 2, rtol=0.0)
+    assert check_onnx(path, net, x, atol=0.0, rtol=10 * worst / scale) == worst
