@@ -49,6 +49,10 @@ def _shape(text: str) -> tuple[int, ...]:
     return dims
 
 
+class OptionError(MorphirError):
+    """Options that do not fit together: exit status 2, as argparse gives for a bad option."""
+
+
 def _number(kind: type, *, low: float | None = None, strict: bool = False, high: float | None = None) -> Any:
     """An argparse ``type`` for a finite number of ``kind`` within bounds (``strict``: above ``low``)."""
     def parse(text: str) -> int | float:
@@ -147,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(train, val) loaders")
     p.add_argument("--phases", type=_COUNT, default=5, help="training phases; a growth step follows each but the last (default 5)")
     p.add_argument("--phase-epochs", type=_COUNT, default=20, help="epochs per phase (default 20)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--target-params", type=_COUNT, default=None,
+                        help="grow to this many parameters by the growth step after --target-phase; each step adds "
+                             "its share and the scores decide where (instead of the λ rule)")
+    target.add_argument("--target-flops", type=_POSITIVE, default=None,
+                        help="as --target-params, in FLOPs per sample")
+    p.add_argument("--target-phase", type=_COUNT, default=None,
+                   help="the phase after which the target size is reached (default: half the phases, rounded up)")
     p.add_argument("--lam", type=_NONNEGATIVE, default=None, help="λ of the criterion -ΔL > λ·ΔR (default 0: whatever is predicted to lower the loss)")
     p.add_argument("--resource", choices=["params", "flops"], default="params", help="what ΔR counts (default params)")
     p.add_argument("--top-fraction", type=_number(float, low=0, strict=True, high=1), default=0.3, help="most of a group's positive morphisms applied per phase")
@@ -186,15 +198,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_graph(spec: str, input_shape: tuple[int, ...] | None, num_classes: int, allow_pickle: bool) -> MorphGraph:
-    """Load ``spec`` (``zoo:NAME`` or a file) and trace it with a zero input of ``input_shape``."""
+def load_graph(spec: str, input_shape: tuple[int, ...] | None, num_classes: int, allow_pickle: bool,
+               widths: tuple[int, ...] | None = None) -> MorphGraph:
+    """Load ``spec`` (``zoo:NAME`` or a file) and trace it with a zero input of ``input_shape``;
+    ``widths``: the hidden widths of ``zoo:mlp`` where the spec gives none (a task's seed)."""
+    mlp = spec == f"{ZOO_PREFIX}mlp" or spec.startswith(f"{ZOO_PREFIX}mlp:")
     if input_shape is None:
         if not spec.startswith(ZOO_PREFIX):
             raise MorphirError(f"{spec}: give the example input shape with --input-shape N,C,H,W (e.g. 1,3,32,32)")
         input_shape = DEFAULT_SHAPE
-    if spec.startswith(ZOO_PREFIX) and len(input_shape) != 4:
+    if spec.startswith(ZOO_PREFIX) and not mlp and len(input_shape) != 4:
         raise MorphirError(f"zoo models take images: --input-shape must be N,C,H,W, got {','.join(map(str, input_shape))}")
-    model = resolve_model(spec, input_shape=tuple(input_shape[1:]), num_classes=num_classes, allow_pickle=allow_pickle)
+    model = resolve_model(spec, input_shape=tuple(input_shape[1:]), num_classes=num_classes, allow_pickle=allow_pickle,
+                          widths=widths)
     try:
         example = torch.zeros(input_shape)
     except RuntimeError as exc:
@@ -398,7 +414,8 @@ def _label_range(source: str, *loaders: Any) -> int:
 _MAX_CLASSES = 1_000_000
 
 
-def _check_fit(graph: MorphGraph, x: Any, top: int, source: str, smallest: int | None = None) -> None:
+def _check_fit(graph: MorphGraph, x: Any, top: int, source: str, smallest: int | None = None, *,
+               targets: torch.Tensor | None = None) -> None:
     """Run the model on a small batch of the data before any training: a clear error if they do not fit."""
     from morphir.errors import DataError
 
@@ -420,6 +437,9 @@ def _check_fit(graph: MorphGraph, x: Any, top: int, source: str, smallest: int |
         if out.dim() != 2 or out.shape[1] <= top:
             raise DataError(f"{source}: labels go up to {top} but the model outputs shape {tuple(out.shape)}; "
                             "it needs one logit per class (set --num-classes for a zoo model)")
+    if targets is not None and isinstance(out, torch.Tensor) and tuple(out.shape[1:]) != tuple(targets.shape[1:]):
+        raise DataError(f"{source}: targets have shape {tuple(targets.shape[1:])} per sample but the model outputs "
+                        f"{tuple(out.shape[1:])}; it needs one output per target number")
     if smallest == 1:
         try:
             copy.deepcopy(graph.module).train()(*(t[:1] for t in inputs))
@@ -448,8 +468,6 @@ def _smallest_batch(batches: Any) -> int | None:
 def _grow(args: argparse.Namespace) -> int:
     import shlex
 
-    import torch.nn.functional as F
-
     from morphir.data import first_batch, load_data
     from morphir.errors import CheckpointError, DataError, TraceError
     from morphir.export import compile as compile_module
@@ -460,10 +478,14 @@ def _grow(args: argparse.Namespace) -> int:
     options = {"phases": args.phases, "phase_epochs": args.phase_epochs, "resource": args.resource,
                "top_fraction": args.top_fraction, "confidence": args.confidence, "lr": args.lr, "seed": args.seed,
                "theta": args.theta, "method": args.method, "when": args.when, "patience": args.patience,
-               "budget_flops": args.budget_flops}
+               "budget_flops": args.budget_flops, "target_params": args.target_params,
+               "target_flops": args.target_flops, "target_phase": args.target_phase}
     if args.lam is not None:
         options["lam"] = args.lam
-    cfg = GrowConfig(**options)
+    try:
+        cfg = GrowConfig(**options)
+    except MorphirError as exc:  # options that do not fit together (e.g. --target-phase past the last step)
+        raise OptionError(f"grow: {exc}") from None
     out = args.out
     if not args.resume and os.path.exists(os.path.join(out, "checkpoint.pt")):
         raise CheckpointError(f"{out} already holds a run; continue it with --resume or choose another --out")
@@ -472,15 +494,21 @@ def _grow(args: argparse.Namespace) -> int:
     data = load_data(args.data, seed=args.seed, batch_size=args.batch_size)
     x0, y0 = first_batch(data.train, data.source)
     first = x0[0] if isinstance(x0, tuple) else x0
-    top_label = _label_range(data.source, data.train, data.val)
-    num_classes = args.num_classes if args.num_classes is not None else max(top_label, 1) + 1
+    if data.kind == "classification":
+        top_label = _label_range(data.source, data.train, data.val)
+        outputs = args.num_classes if args.num_classes is not None else max(top_label, 1) + 1
+    else:  # regression: as many outputs as the targets have numbers
+        top_label, outputs = -1, int(torch.Size(y0.shape[1:]).numel())
     try:
-        graph = load_graph(args.model, (1, *first.shape[1:]), num_classes, args.allow_pickle)
+        graph = load_graph(args.model, (1, *first.shape[1:]), outputs, args.allow_pickle, widths=data.seed_widths)
     except TraceError as exc:
         raise DataError(f"{data.source}: samples of shape {tuple(first.shape[1:])} do not fit {args.model}: {exc}") from None
-    _check_fit(graph, x0, top_label, data.source, _smallest_batch(data.train))
-    _check_fit(graph, first_batch(data.val, f"{data.source} (validation)")[0], top_label,
-               f"{data.source} (validation)")
+    val_x, val_y = first_batch(data.val, f"{data.source} (validation)")
+    _check_fit(graph, x0, top_label, data.source, _smallest_batch(data.train),
+               targets=y0 if data.kind == "regression" else None)
+    _check_fit(graph, val_x, top_label, f"{data.source} (validation)",
+               targets=val_y if data.kind == "regression" else None)
+    loss_fn = data.loss
     identity = f"{args.model} on {args.data}, batch size {args.batch_size}"
 
     def show(record: dict[str, Any]) -> None:
@@ -488,14 +516,14 @@ def _grow(args: argparse.Namespace) -> int:
 
     command = "morphir " + " ".join(shlex.quote(a) for a in args.argv if a != "--resume") + " --resume"
     try:
-        result = grow(graph, data.train, data.val, F.cross_entropy, config=cfg, run_dir=out, resume=args.resume,
+        result = grow(graph, data.train, data.val, loss_fn, config=cfg, run_dir=out, resume=args.resume,
                       identity=identity, device=args.device, on_phase=show)
     except KeyboardInterrupt:
         print(f"morphir: interrupted; the last finished phase is checkpointed in {out}. Resume with:\n  {command}",
               file=sys.stderr)
         return 130
     if args.retrain:
-        retrain(result, data.train, data.val, F.cross_entropy, device=args.device)
+        retrain(result, data.train, data.val, loss_fn, device=args.device)
     from morphir.grow import resolve_grower
 
     module = resolve_grower(cfg.method).finalize(result.graph).module  # e.g. template mixing baked into plain layers
@@ -506,7 +534,7 @@ def _grow(args: argparse.Namespace) -> int:
 
         compiled = compile_module(result.graph, args.device, use_torch_compile=True)
         summary["compiled_val_loss"], summary["compiled_val_accuracy"] = evaluate(
-            compiled, data.val, F.cross_entropy, device=torch.device(args.device))
+            compiled, data.val, loss_fn, device=torch.device(args.device))
     module.cpu()
     buffer = io.BytesIO()
     torch.save(module, buffer)
@@ -540,16 +568,15 @@ def _grow(args: argparse.Namespace) -> int:
                            "there is complete: free space and rerun with --resume to write the run's outputs") from exc
     write_report(out)
     written += ["summary.json", "metrics.jsonl", "report.png", "report.html", "checkpoint.pt"]
-    acc = summary["val_accuracy"]
     line = (f"grown {args.model}: {summary['seed_params']:,} -> {summary['final_params']:,} params, "
-            f"{summary['final_flops']:,} FLOPs, val accuracy {acc:.3f} after {summary['phases']} phases "
-            f"({summary['seconds']:.0f} s)")
+            f"{summary['final_flops']:,} FLOPs, {_quality(summary['val_loss'], summary['val_accuracy'])} after "
+            f"{summary['phases']} phases ({summary['seconds']:.0f} s)")
     print(line)
     if result.retrained is not None:
-        print(f"retrained from scratch ({result.retrained['epochs']} epochs): val accuracy "
-              f"{result.retrained['val_accuracy']:.3f}")
+        print(f"retrained from scratch ({result.retrained['epochs']} epochs): "
+              f"{_quality(result.retrained['val_loss'], result.retrained['val_accuracy'])}")
     if args.compile:
-        print(f"torch.compile: val accuracy {summary['compiled_val_accuracy']:.3f}")
+        print(f"torch.compile: {_quality(summary['compiled_val_loss'], summary['compiled_val_accuracy'])}")
     print(f"wrote {', '.join(written)} to {out}")
     if onnx_failure is not None:
         shape = ",".join(str(d) for d in (1, *first.shape[1:]))
@@ -559,6 +586,11 @@ def _grow(args: argparse.Namespace) -> int:
         raise MorphirError(f"the grown network could not be exported to ONNX: {onnx_failure} Every other output is "
                            f"written (summary.json records why); retry the export with:\n  {retry}")
     return 0
+
+
+def _quality(loss: float | None, accuracy: float | None) -> str:
+    """``val accuracy 0.975`` for a classifier, ``val loss 0.2270`` otherwise."""
+    return f"val accuracy {accuracy:.3f}" if accuracy is not None else f"val loss {loss:.4f}"
 
 
 def check_run_dir(out: str, *, resume: bool) -> None:
@@ -629,6 +661,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
+    except OptionError as exc:
+        print(f"morphir: error: {exc}", file=sys.stderr)
+        return 2
     except MorphirError as exc:
         print(f"morphir: error: {exc}", file=sys.stderr)
         return 1

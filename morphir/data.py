@@ -11,15 +11,17 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from morphir.errors import DataError
+from morphir.tasks import TASKS, build_task
 
 __all__ = ["Data", "digits_tensors", "digits_loaders", "load_data", "first_batch"]
 
@@ -64,12 +66,17 @@ class Data:
 
     ``train`` and ``val`` are re-iterable (a DataLoader or any iterable of ``(x, y)``); the train
     loader draws its shuffle from torch's global generator, so seeding it before an epoch fixes the
-    order (:func:`morphir.grow` does).
+    order (:func:`morphir.grow` does). ``loss`` is the mean loss to train with, ``kind``
+    ``"classification"`` (integer labels) or ``"regression"``; a bundled task names the hidden
+    widths of its ``zoo:mlp`` seed (``seed_widths``).
     """
 
     train: Iterable[tuple[Any, Any]]
     val: Iterable[tuple[Any, Any]]
     source: str
+    loss: Callable[..., torch.Tensor] = F.cross_entropy
+    kind: str = "classification"
+    seed_widths: tuple[int, ...] | None = None
 
 
 def _tensor_pair(arrays: Mapping[str, Any], source: str, x_key: str, y_key: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +127,8 @@ def _read_arrays(path: Path) -> Mapping[str, Any]:
 def load_data(spec: str, *, seed: int = 0, batch_size: int = 64, val_fraction: float = 0.2) -> Data:
     """Training and validation data from ``spec``.
 
-    ``digits``: scikit-learn's bundled set, split by ``seed``. ``FILE.pt`` (``torch.save`` of a
+    ``digits``: scikit-learn's bundled set, split by ``seed``. ``teacher``, ``clusters``: the
+    bundled tasks where width matters (:mod:`morphir.tasks`), drawn from ``seed``. ``FILE.pt`` (``torch.save`` of a
     dict) or ``FILE.npz``: arrays ``x`` and ``y`` (integer labels), and optionally ``x_val`` and
     ``y_val``; without them a ``val_fraction`` is held out by ``seed``. ``module:function``: an
     importable function (the current directory is searched first) returning ``(train, val)``
@@ -129,6 +137,7 @@ def load_data(spec: str, *, seed: int = 0, batch_size: int = 64, val_fraction: f
     the function is a :class:`DataError` that names it.
 
     >>> data = load_data("digits", seed=0, batch_size=64)
+    >>> data = load_data("teacher", seed=0)              # regression: data.loss is F.mse_loss
     >>> data = load_data("my_data.npz")
     >>> data = load_data("my_project.data:loaders")
     """
@@ -143,6 +152,11 @@ def load_data(spec: str, *, seed: int = 0, batch_size: int = 64, val_fraction: f
     if spec == "digits":
         train, val = digits_loaders(seed=seed, batch_size=batch_size, val_fraction=val_fraction)
         return Data(_unseeded(train), val, "digits")
+    if spec in TASKS:
+        task = build_task(spec, seed=seed)
+        return Data(_loader(TensorDataset(task.x_train, task.y_train), batch_size),
+                    DataLoader(TensorDataset(task.x_val, task.y_val), batch_size=batch_size), spec,
+                    loss=task.loss, kind=task.kind, seed_widths=task.seed_widths or None)
     path = Path(spec)
     if path.suffix in (".pt", ".pth", ".npz"):
         arrays = _read_arrays(path)
@@ -164,7 +178,8 @@ def load_data(spec: str, *, seed: int = 0, batch_size: int = 64, val_fraction: f
         return Data(train, DataLoader(TensorDataset(xv, yv), batch_size=batch_size), spec)
     if ":" in spec:
         return _from_function(spec)
-    raise DataError(f"{spec!r} is not a data source; use 'digits', a .pt or .npz file with x and y, or module:function")
+    raise DataError(f"{spec!r} is not a data source; use 'digits', a bundled task ({', '.join(TASKS)}), a .pt or "
+                    ".npz file with x and y, or module:function")
 
 
 def _from_function(spec: str) -> Data:

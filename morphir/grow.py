@@ -100,7 +100,11 @@ class GrowConfig:
     the share of the budget spent, and the last phase lasts until the budget is spent. A growth
     step that spends the rest of the budget is not applied (nothing could train what it grew): the
     run ends with the network the last phase trained.
-    ``seed``: every shuffle, initial θ and scoring pass derives from it.
+    ``target_params`` / ``target_flops``: grow to this size (parameters, or FLOPs per sample) by
+    the growth step after phase ``target_phase`` (None: half the phases, rounded up): each step adds
+    its share of what is left, split evenly over the steps until then, and the grower chooses where
+    (for ``gn``: the candidates with the best estimated loss change per unit added, one per channel,
+    whatever λ says). ``seed``: every shuffle, initial θ and scoring pass derives from it.
     """
 
     lam: float = 0.0
@@ -124,6 +128,9 @@ class GrowConfig:
     patience: int = 3
     plateau_delta: float = 0.01
     budget_flops: float | None = None
+    target_params: int | None = None
+    target_flops: float | None = None
+    target_phase: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -155,6 +162,17 @@ class GrowConfig:
         number("plateau_delta", self.plateau_delta, high=0.999999)
         if self.budget_flops is not None:
             number("budget_flops", self.budget_flops, strict=True)
+        if self.target_params is not None:
+            integer("target_params", 1, self.target_params)
+        if self.target_flops is not None:
+            number("target_flops", self.target_flops, strict=True)
+        if self.target_params is not None and self.target_flops is not None:
+            raise MorphirError("give target_params or target_flops, not both")
+        if self.target_phase is not None:
+            integer("target_phase", 1, self.target_phase)
+            if self.target_phase > max(self.phases - 1, 1):
+                raise MorphirError(f"target_phase must be at most the last growth step ({self.phases - 1}), got "
+                                   f"{self.target_phase}")
         number("top_fraction", self.top_fraction, strict=True, high=1.0)
         number("lam", self.lam)
         number("confidence", self.confidence)
@@ -163,6 +181,30 @@ class GrowConfig:
         number("weight_decay", self.weight_decay)
         if not isinstance(self.morphisms, tuple) or not all(isinstance(m, str) for m in self.morphisms):
             raise MorphirError(f"morphisms must be a tuple of morphism names, got {self.morphisms!r}")
+
+    @property
+    def target(self) -> tuple[str, float] | None:
+        """``(resource, size)`` the run grows to, or None (the λ rule decides how much)."""
+        if self.target_params is not None:
+            return ("params", float(self.target_params))
+        if self.target_flops is not None:
+            return ("flops", float(self.target_flops))
+        return None
+
+    def step_budget(self, phase: int, size: float) -> float:
+        """How much the growth step after ``phase`` adds toward the target from ``size``: what is left,
+        split evenly over the steps up to the target phase (all of it past that phase; 0 at the target).
+
+        >>> GrowConfig(phases=5, target_params=1000, target_phase=2).step_budget(1, 400)
+        300.0
+        """
+        target = self.target
+        if target is None:
+            raise MorphirError("step_budget needs target_params or target_flops")
+        last = self.target_phase if self.target_phase is not None else math.ceil((self.phases - 1) / 2) or 1
+        if size >= target[1]:
+            return 0.0
+        return (target[1] - size) / max(last - phase + 1, 1)  # past the target phase: catch up at once
 
     @property
     def epochs(self) -> int:
@@ -263,14 +305,23 @@ def select(
     resource: str = "params",
     top_fraction: float = 0.3,
     confidence: float = 0.0,
+    budget: float | None = None,
 ) -> list[Candidate]:
     """The scored candidates to apply: −ΔL > λ·ΔR, best first, at most ``top_fraction`` (rounded up)
     of each group's positive ones, one morphism per channel, never a group pruned to zero.
 
     The margin −ΔL − λ·ΔR ranks splits (ΔR > 0) and prunes (ΔR < 0) on one scale.
 
+    With ``budget`` (the growth schedule's share of a target size, in ``resource`` units) the rule
+    is another: the growing candidates (ΔR > 0) ranked by estimated ΔL per unit of ΔR, best first,
+    one per channel, are taken while they fit in the budget; λ, the confidence margin and
+    ``top_fraction`` do not apply.
+
     >>> chosen = select(morphir.score(g, batches, F.cross_entropy), g, lam=1e-5)
+    >>> grown = select(cands, g, lam=0, budget=5_000)   # about 5,000 more parameters
     """
+    if budget is not None:
+        return _select_to_budget(cands, graph, resource, budget)
     positive: dict[str, dict[tuple[int | None, str | None], tuple[float, Candidate]]] = defaultdict(dict)
     for c in cands:
         if c.estimate is None or not math.isfinite(c.estimate):
@@ -298,6 +349,79 @@ def select(
             chosen.append(c)
             keep -= 1
     return chosen
+
+
+def _select_to_budget(cands: Iterable[Candidate], graph: MorphGraph, resource: str, budget: float) -> list[Candidate]:
+    best: dict[tuple[str, int | None], Candidate] = {}
+    for c in cands:
+        cost = _cost(c, resource)
+        if cost <= 0 or c.estimate is None or not math.isfinite(c.estimate):
+            continue
+        slot = (c.site.anchor, c.site.index)
+        if slot not in best or c.estimate / cost < best[slot].estimate / _cost(best[slot], resource):
+            best[slot] = c
+    ranked = sorted(best.values(), key=lambda c: (c.estimate / _cost(c, resource), c.name, c.site))
+    counter = _GrowthCost(graph, resource)
+    chosen, spent = [], 0.0
+    for c in ranked:
+        cost = counter.next_cost(c)
+        if spent + cost > budget and spent + cost / 2 > budget:  # take the last one if it brings us closer
+            continue
+        counter.add(c)
+        chosen.append(c)
+        spent += cost
+    return chosen
+
+
+class _GrowthCost:
+    """What one more channel costs, given the channels already chosen in the same rewrite: its own
+    cost, plus where it meets the others' new weights (a layer that reads one grown group and writes
+    another gains the corner of its new rows and new columns; a layer that reads and writes one
+    group, the square of that group's new channels)."""
+
+    def __init__(self, graph: MorphGraph, resource: str):
+        self.graph, self.resource = graph, resource
+        self.added: dict[str, int] = defaultdict(int)
+        self.producer_of = {p.module: grp.name for grp in graph.groups for p in grp.producers}
+        self._links: dict[str, list[tuple[str, float]]] = {}
+
+    def _per_pair(self, consumer) -> float:
+        w = self.graph.submodule(consumer.module).weight
+        params = float(w[0, 0].numel() * consumer.segment.inner)
+        if self.resource == "params":
+            return params
+        shape = self.graph.shape(consumer.node)
+        positions = 1 if shape is None or len(shape) < 2 else int(torch.Size(shape[2:]).numel()) or 1
+        if isinstance(self.graph.submodule(consumer.module), nn.Linear) and shape is not None:
+            positions = int(torch.Size(shape[1:-1]).numel()) or 1
+        return 2.0 * params * positions
+
+    def links(self, group: str) -> list[tuple[str, float]]:
+        """``(other group, cost per pair of new channels)`` for the layers where this group's new
+        columns meet another group's new rows, in both directions."""
+        if group not in self._links:
+            out = []
+            for grp in self.graph.groups:
+                for c in grp.consumers:
+                    writes = self.producer_of.get(c.module)
+                    if writes is None or writes == grp.name:
+                        continue  # a group's own corner is in its cost_of_adding
+                    if grp.name == group:
+                        out.append((writes, self._per_pair(c)))
+                    elif writes == group:
+                        out.append((grp.name, self._per_pair(c)))
+            self._links[group] = out
+        return self._links[group]
+
+    def next_cost(self, c: Candidate) -> float:
+        g = c.site.anchor
+        grp = self.graph.group(g)
+        k = self.added[g]
+        own = grp.cost_of_adding(k + 1)[self.resource == "flops"] - grp.cost_of_adding(k)[self.resource == "flops"]
+        return float(own) + sum(per * self.added[h] for h, per in self.links(g))
+
+    def add(self, c: Candidate) -> None:
+        self.added[c.site.anchor] += 1
 
 
 def _group_width(graph: MorphGraph, anchor: str) -> int | None:
@@ -834,12 +958,18 @@ def _grow_step(state: _State, cfg: GrowConfig, train: Iterable[tuple[Any, Any]],
     try:
         if cfg.recalibrate:
             recalibrate_batch_norm(graph.module, batches)
-        step = GrowthStep(graph, batches, held, train, loss_fn, cfg, registry, k, _seed_for(cfg.seed, 1, k))
+        budget, resource = None, cfg.resource
+        if cfg.target is not None:
+            resource = cfg.target[0]
+            size = graph.num_params() if resource == "params" else count_flops(graph)
+            budget = cfg.step_budget(k, size)
+        step = GrowthStep(graph, batches, held, train, loss_fn, cfg, registry, k, _seed_for(cfg.seed, 1, k),
+                          budget=budget, budget_resource=resource)
         # under a FLOPs budget the step's own operations count against it (torch's flop counter
         # slows the step about 2.5×, so it only runs then)
         counter = FlopCounterMode(display=False) if cfg.budget_flops is not None else contextlib.nullcontext()
         with counter:
-            growth = grower.grow(step)
+            growth = grower.grow(step) if budget != 0 else Growth(info={"target_reached": True})
         growth_flops = float(counter.get_total_flops()) if cfg.budget_flops is not None else None
         if growth_flops is not None and state.flops + growth_flops >= cfg.budget_flops:
             # the step spent what was left of the budget: nothing could train what it grew, so the

@@ -51,7 +51,9 @@ class GrowthStep:
     recalibration); ``holdout``: further training batches, for estimates that must not be fitted on
     ``batches`` (None when the config does not ask for them); ``train``: the full training data, for
     growers that train (Firefly's short optimisation, MixtureGrowth's second network);
-    ``phase``: the phase just finished (1-based); ``seed``: this step's seed.
+    ``phase``: the phase just finished (1-based); ``seed``: this step's seed. ``budget``: with a
+    target size (``target_params``, ``target_flops``), how much this step should add, in
+    ``budget_resource`` units (``"params"`` or ``"flops"``); None when the λ rule decides.
     """
 
     graph: MorphGraph
@@ -63,6 +65,8 @@ class GrowthStep:
     registry: Registry
     phase: int
     seed: int
+    budget: float | None = None
+    budget_resource: str = "params"
 
     def generator(self, salt: int = 0) -> torch.Generator:
         """A CPU generator seeded from the step (``salt`` gives independent streams).

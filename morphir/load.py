@@ -355,16 +355,20 @@ def load_model(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> n
 def resolve_model(
     spec: str | os.PathLike[str],
     *,
-    input_shape: tuple[int, int, int] | None = None,
+    input_shape: tuple[int, ...] | None = None,
     num_classes: int = 10,
     allow_pickle: bool = False,
+    widths: tuple[int, ...] | None = None,
 ) -> nn.Module:
     """Turn a model spec into a module: ``"zoo:NAME"`` builds a zoo model, anything else is
     a file path given to :func:`load_model`.
 
     Args:
-        spec: ``"zoo:NAME"`` or the path of a ``torch.save(model, path)`` file.
-        input_shape: ``(C, H, W)`` for zoo models; default ``(3, 32, 32)``. Ignored for files.
+        spec: ``"zoo:NAME"`` or the path of a ``torch.save(model, path)`` file; a base width may
+            follow a colon (``"zoo:vgg19:4"``), the mlp's hidden widths too (``"zoo:mlp:16,16"``).
+        input_shape: ``(C, H, W)`` for zoo models (any shape for the mlp); default ``(3, 32, 32)``.
+            Ignored for files.
+        widths: the mlp's hidden widths when the spec gives none (default one layer of 16).
         num_classes: number of outputs of a zoo model. Ignored for files.
         allow_pickle: passed to :func:`load_model` (trusted files only).
 
@@ -386,7 +390,27 @@ def resolve_model(
                 f"of: {', '.join(zoo.names())}"
             )
         shape = tuple(input_shape) if input_shape is not None else _DEFAULT_INPUT_SHAPE
+        name, _, given = name.partition(":")
+        width = None
+        if given:
+            try:
+                sizes = tuple(int(w) for w in given.split(","))
+            except ValueError:
+                raise LoadError(f"model spec {spec!r}: the widths must be integers, e.g. zoo:vgg19:8 or "
+                                "zoo:mlp:16,16") from None
+            if name == "mlp":
+                widths = sizes
+            elif len(sizes) == 1:
+                width = sizes[0]
+            else:
+                raise LoadError(f"model spec {spec!r}: only the mlp takes several widths (zoo:mlp:16,16); "
+                                f"{name} takes one base width (zoo:{name}:8)")
         logger.info("building zoo model %r (input_shape=%s, num_classes=%d)", name, shape,
                     num_classes)
-        return zoo.build(name, input_shape=shape, num_classes=num_classes)  # LoadError if unknown
+        try:
+            if name == "mlp":
+                return zoo.build(name, input_shape=shape, num_classes=num_classes, widths=widths)
+            return zoo.build(name, input_shape=shape, num_classes=num_classes, width=width)  # LoadError if unknown
+        except ValueError as exc:
+            raise LoadError(f"model spec {spec!r}: {exc}") from None
     return load_model(spec, allow_pickle=allow_pickle)

@@ -11,7 +11,7 @@ Example::
     >>> import torch
     >>> from morphir import zoo
     >>> zoo.names()
-    ['densenet', 'mobilenet_v1', 'mobilenet_v2', 'resnet20', 'vgg19']
+    ['densenet', 'mlp', 'mobilenet_v1', 'mobilenet_v2', 'resnet20', 'vgg19']
     >>> model = zoo.build("resnet20", input_shape=(3, 32, 32), num_classes=10)
     >>> model(torch.randn(2, 3, 32, 32)).shape
     torch.Size([2, 10])
@@ -35,6 +35,7 @@ __all__ = [
     "ResNet20",
     "MobileNetV2",
     "DenseNet",
+    "MLP",
 ]
 
 
@@ -438,12 +439,44 @@ class DenseNet(nn.Module):
 
 
 # ---------------------------------------------------------------------------
+# MLP
+# ---------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """Hidden layers ``Linear → BatchNorm1d → ReLU`` of ``widths``, then a linear head; inputs of
+    any shape are flattened first (the seed of the ``teacher`` and ``clusters`` tasks).
+
+    Example: ``MLP(input_shape=(20,), num_classes=10, widths=(8,))``.
+    """
+
+    DEFAULT_WIDTHS: tuple[int, ...] = (16,)
+
+    def __init__(self, input_shape: tuple[int, ...] = (20,), num_classes: int = 10,
+                 widths: Sequence[int] = DEFAULT_WIDTHS) -> None:
+        super().__init__()
+        features = 1
+        for d in input_shape:
+            features *= d
+        layers: list[nn.Module] = [nn.Flatten()] if len(input_shape) > 1 else []
+        for w in widths:
+            layers += [nn.Linear(features, w), nn.BatchNorm1d(w), nn.ReLU()]
+            features = w
+        self.hidden = nn.Sequential(*layers)
+        self.head = nn.Linear(features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.hidden(x))
+
+
+# ---------------------------------------------------------------------------
 # Registry and public API
 # ---------------------------------------------------------------------------
 
 _BUILDERS: types.MappingProxyType[str, type[nn.Module]] = types.MappingProxyType(
     {
         "densenet": DenseNet,
+        "mlp": MLP,
         "mobilenet_v1": MobileNetV1,
         "mobilenet_v2": MobileNetV2,
         "resnet20": ResNet20,
@@ -458,7 +491,7 @@ def names() -> list[str]:
     Example::
 
         >>> names()
-        ['densenet', 'mobilenet_v1', 'mobilenet_v2', 'resnet20', 'vgg19']
+        ['densenet', 'mlp', 'mobilenet_v1', 'mobilenet_v2', 'resnet20', 'vgg19']
     """
     return sorted(_BUILDERS)
 
@@ -487,6 +520,8 @@ def build(
     input_shape: tuple[int, int, int] = (3, 32, 32),
     num_classes: int = 10,
     width: int | None = None,
+    *,
+    widths: Sequence[int] | None = None,
 ) -> nn.Module:
     """Build a fresh, randomly initialised seed model.
 
@@ -499,7 +534,10 @@ def build(
             strides, pools and the classifier size are chosen from it.
         num_classes: size of the output (logits), at least 1.
         width: base channel width; ``None`` keeps the model's default
-            (vgg19 16, mobilenet_v1 32, resnet20 16, mobilenet_v2 16, densenet 16).
+            (vgg19 16, mobilenet_v1 32, resnet20 16, mobilenet_v2 16, densenet 16; for mlp:
+            one hidden layer of that width).
+        widths: mlp only: the hidden layers' widths (default one layer of 16). An mlp takes an
+            ``input_shape`` of any rank (flattened); the other models take ``(C, H, W)``.
 
     Raises:
         LoadError: ``name`` is not a known model (the message lists the names).
@@ -515,11 +553,22 @@ def build(
         raise LoadError(
             f"unknown zoo model {name!r}; available names: {', '.join(names())}"
         )
-    shape = _check_input_shape(input_shape)
     if not _is_int(num_classes) or num_classes < 1:
         raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
     if width is not None and (not _is_int(width) or width < 1):
         raise ValueError(f"width must be None or an int >= 1, got {width!r}")
+    if name == "mlp":
+        if widths is None:
+            widths = (width,) if width is not None else MLP.DEFAULT_WIDTHS
+        if not widths or not all(_is_int(w) and w >= 1 for w in widths):
+            raise ValueError(f"widths must be hidden widths >= 1, got {widths!r}")
+        if (not isinstance(input_shape, Sequence) or isinstance(input_shape, str) or not input_shape
+                or not all(_is_int(d) and d > 0 for d in input_shape)):
+            raise ValueError(f"input_shape must be positive ints without the batch dimension, got {input_shape!r}")
+        return MLP(input_shape=tuple(input_shape), num_classes=num_classes, widths=tuple(widths))
+    if widths is not None:
+        raise ValueError(f"widths is for the mlp; {name} takes width")
+    shape = _check_input_shape(input_shape)
     cls = _BUILDERS[name]
     if width is None:
         return cls(input_shape=shape, num_classes=num_classes)

@@ -27,7 +27,8 @@ import dataclasses
 
 import torch
 
-from morphir import Candidate, Grower, Growth, GrowthStep, batch_loss, exact_delta_losses, line_search, score, select
+from morphir import (Candidate, Grower, Growth, GrowthStep, apply_in_turn, batch_loss, count_flops, exact_delta_losses,
+                     line_search, score, select)
 
 __all__ = ["GaussNewton"]
 
@@ -46,16 +47,16 @@ class GaussNewton(Grower):
     name = "gn"
     description = "Gauss-Newton scoring of split and prune morphisms with learned θ (the paper's method)"
     preserving = True
+    ROUNDS = 3  # rewrites per growth step toward a target size (up to 8 times a group's width)
 
     def __init__(self, verify: bool = True):
         self.verify = verify
 
     def grow(self, step: GrowthStep) -> Growth:
+        if step.budget is not None:
+            return self._to_budget(step)
         cfg = step.config
-        score_cfg = dataclasses.replace(cfg.score, seed=step.seed % (2**31),
-                                        lr=0.0 if cfg.theta == "random" else cfg.score.lr)
-        cands = score(step.graph, lambda: iter(step.batches), step.loss_fn, cfg.morphisms, config=score_cfg,
-                      registry=step.registry)
+        cands = self._score(step, step.graph)
         chosen = select(cands, step.graph, lam=cfg.lam, resource=cfg.resource, top_fraction=cfg.top_fraction,
                         confidence=cfg.confidence)
         if not (self.verify and chosen):
@@ -66,6 +67,44 @@ class GaussNewton(Grower):
         thetas = self._scale(step, chosen, held, info) if chosen else {}
         chosen = [c for c in chosen if c in thetas]
         return Growth(chosen=chosen, thetas=thetas, estimated_gain=-sum(c.estimate for c in chosen), info=info)
+
+    @staticmethod
+    def _score(step: GrowthStep, graph) -> list[Candidate]:
+        cfg = step.config
+        score_cfg = dataclasses.replace(cfg.score, seed=step.seed % (2**31),
+                                        lr=0.0 if cfg.theta == "random" else cfg.score.lr)
+        return score(graph, lambda: iter(step.batches), step.loss_fn, cfg.morphisms, config=score_cfg,
+                     registry=step.registry)
+
+    def _to_budget(self, step: GrowthStep) -> Growth:
+        """Growth to a target size: up to ``ROUNDS`` rewrites, each scored on the graph the last one
+        made, each taking the best estimates per unit added until the step's budget is spent (one
+        rewrite splits a channel at most once, so one round at most doubles a group)."""
+        info: dict[str, float | int] = {}
+        gains: list[float] = []
+        held = step.holdout or step.batches
+
+        def size(graph) -> float:
+            return float(graph.num_params() if step.budget_resource == "params" else count_flops(graph))
+
+        start = size(step.graph)
+
+        def one_round(graph) -> tuple[list[Candidate], dict[Candidate, torch.Tensor] | None]:
+            left = float(step.budget) - (size(graph) - start)
+            if left <= 0:
+                return [], None
+            cands = self._score(step, graph)
+            chosen = select(cands, graph, lam=0.0, resource=step.budget_resource, budget=left)
+            if not chosen:
+                return [], None
+            thetas = self._scale(dataclasses.replace(step, graph=graph), chosen, held, info) if self.verify else None
+            gains.append(-sum(c.estimate for c in chosen))
+            return chosen, thetas
+
+        growth = apply_in_turn(step.graph, [one_round] * self.ROUNDS)
+        growth.estimated_gain = sum(gains) if gains else None
+        growth.info = {**info, "budget": step.budget, "rounds": len(gains)}
+        return growth
 
     @staticmethod
     def _confirm_prunes(step: GrowthStep, chosen: list[Candidate], held: list, info: dict) -> list[Candidate]:

@@ -12,7 +12,7 @@ from torch import nn
 from morphir import zoo
 from morphir.errors import LoadError, MorphirError
 
-NAMES = ["densenet", "mobilenet_v1", "mobilenet_v2", "resnet20", "vgg19"]
+NAMES = ["densenet", "mobilenet_v1", "mobilenet_v2", "resnet20", "vgg19"]  # the conv nets; the mlp is tested below
 SHAPES = [(1, 8, 8), (3, 16, 16), (3, 32, 32)]
 CLASSES = [10, 7]
 BATCH = 4
@@ -27,7 +27,7 @@ def _count(model: nn.Module, kind: type[nn.Module]) -> int:
 
 
 def test_names_sorted_and_complete() -> None:
-    assert zoo.names() == NAMES
+    assert zoo.names() == sorted([*NAMES, "mlp"])
     assert zoo.names() is not zoo.names()  # a fresh list each call
 
 
@@ -258,3 +258,17 @@ def test_bad_width_raises_value_error(width: object) -> None:
 def test_registry_is_read_only() -> None:
     with pytest.raises(TypeError):
         zoo._BUILDERS["x"] = nn.Linear  # type: ignore[index]
+
+
+def test_mlp_takes_any_input_shape_and_its_widths() -> None:
+    torch.manual_seed(0)
+    mlp = zoo.build("mlp", (20,), 10, widths=(8,))
+    assert [m.out_features for m in mlp.modules() if isinstance(m, nn.Linear)] == [8, 10]
+    assert _count(mlp, nn.BatchNorm1d) == 1 and mlp(torch.randn(4, 20)).shape == (4, 10)
+    images = zoo.build("mlp", (1, 8, 8), 3, widths=(16, 16))
+    assert images(torch.randn(2, 1, 8, 8)).shape == (2, 3) and _count(images, nn.Linear) == 3
+    assert [m.out_features for m in zoo.build("mlp", (5,), 2, width=7).modules() if isinstance(m, nn.Linear)] == [7, 2]
+    with pytest.raises(ValueError, match="widths"):
+        zoo.build("mlp", (5,), 2, widths=(0,))
+    with pytest.raises(ValueError, match="widths is for the mlp"):
+        zoo.build("vgg19", (1, 8, 8), 2, widths=(4,))
