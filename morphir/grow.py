@@ -104,7 +104,9 @@ class GrowConfig:
     the growth step after phase ``target_phase`` (None: half the phases, rounded up): each step adds
     its share of what is left, split evenly over the steps until then, and the grower chooses where
     (for ``gn``: the candidates with the best estimated loss change per unit added, one per channel,
-    whatever λ says). ``seed``: every shuffle, initial θ and scoring pass derives from it.
+    whatever λ says). ``count_growth_flops``: count each growth step's FLOPs (``growth_flops`` in
+    its record, and in ``train_flops``) without a budget too (torch's flop counter slows a step
+    about 2.5×). ``seed``: every shuffle, initial θ and scoring pass derives from it.
     """
 
     lam: float = 0.0
@@ -131,6 +133,7 @@ class GrowConfig:
     target_params: int | None = None
     target_flops: float | None = None
     target_phase: int | None = None
+    count_growth_flops: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -781,9 +784,14 @@ def grow(
         if ckpt["identity"] != identity:
             raise CheckpointError(f"{out_dir / CHECKPOINT} belongs to {ckpt['identity']!r}, not {identity!r}")
         if ckpt["config"] != config_json:
-            old, new = json.loads(ckpt["config"]), settings
+            # a setting added since the checkpoint was written counts as its default there
+            defaults = json.loads(json.dumps(GrowConfig().as_dict()))
+            old = {**defaults, **json.loads(ckpt["config"])}
+            new = json.loads(config_json)
             diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k))
-            raise CheckpointError(f"{out_dir / CHECKPOINT} was made with other settings ({diff}); resume with the same ones")
+            if diff:
+                raise CheckpointError(f"{out_dir / CHECKPOINT} was made with other settings ({diff}); resume with "
+                                      "the same ones")
         if ckpt["phase"] > cfg.phases:
             raise CheckpointError(f"{out_dir / CHECKPOINT}: field 'phase' is {ckpt['phase']}, beyond the run's "
                                   f"{cfg.phases} phases; the checkpoint is not this run's")
@@ -967,11 +975,12 @@ def _grow_step(state: _State, cfg: GrowConfig, train: Iterable[tuple[Any, Any]],
                           budget=budget, budget_resource=resource)
         # under a FLOPs budget the step's own operations count against it (torch's flop counter
         # slows the step about 2.5×, so it only runs then)
-        counter = FlopCounterMode(display=False) if cfg.budget_flops is not None else contextlib.nullcontext()
+        counting = cfg.budget_flops is not None or cfg.count_growth_flops
+        counter = FlopCounterMode(display=False) if counting else contextlib.nullcontext()
         with counter:
             growth = grower.grow(step) if budget != 0 else Growth(info={"target_reached": True})
-        growth_flops = float(counter.get_total_flops()) if cfg.budget_flops is not None else None
-        if growth_flops is not None and state.flops + growth_flops >= cfg.budget_flops:
+        growth_flops = float(counter.get_total_flops()) if counting else None
+        if growth_flops is not None and cfg.budget_flops is not None and state.flops + growth_flops >= cfg.budget_flops:
             # the step spent what was left of the budget: nothing could train what it grew, so the
             # run ends with the network the phase trained (the step's cost is still charged)
             log.info("growth step %d spent the rest of the FLOPs budget; its growth is not applied", k)

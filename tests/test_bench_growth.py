@@ -1,5 +1,5 @@
-"""Smoke test of tools/bench_growth.py: a tiny run prints the four arms, pairs them, and its exit
-status agrees with the bounds it prints."""
+"""Smoke test of tools/bench_growth.py: a quick run prints every arm of a task, pairs them, grows the
+random-θ arm exactly as much as the grown one, and its exit status agrees with the bounds it prints."""
 
 import re
 import sys
@@ -12,25 +12,26 @@ if str(TOOLS) not in sys.path:
 import bench_growth  # noqa: E402
 
 
-def test_tiny_run_reports_every_arm(capsys):
-    rc = bench_growth.main(["--seeds", "2", "--phases", "2", "--phase-epochs", "1"])
+def test_quick_run_reports_every_arm_and_agrees_with_its_bounds(capsys):
+    rc = bench_growth.main(["--quick", "--tasks", "teacher"])
     out = capsys.readouterr().out
-    rows = {m[1].strip(): (float(m[2]), int(m[3].replace(",", "")))
-            for m in re.finditer(r"^\| ([^|]+?)\s*\|\s+([\d.]+) ± [\d.]+ \|\s+([\d,]+) \|", out, re.M)}
+    rows = {m[1]: (float(m[2]), int(m[3].replace(",", "")))
+            for m in re.finditer(r"^\| ([\w\- ]+?) \| ([\d.]+) ± [\d.]+ \| - \| ([\d,]+) \|", out, re.M)}
     assert set(rows) == set(bench_growth.ARMS), out
-    seed_params = sum(p.numel() for p in bench_growth.build(0).parameters())
-    assert rows["(a) seed"][1] == seed_params
-    assert rows["grown"][1] > seed_params  # it grew
-    # each seed's fixed-width net is the vgg19 width closest to that seed's grown net
-    sizes = [sum(p.numel() for p in bench_growth.build(0, w).parameters()) for w in range(2, 65)]
-    per_seed = re.findall(r"^seed \d+: grown [\d.]+ \(([\d,]+) params\).*\(b\) fixed [\d.]+ \(([\d,]+) params\)",
-                          out, re.M)
-    assert len(per_seed) == 2, out
-    for grown, fixed in per_seed:
-        grown, fixed = int(grown.replace(",", "")), int(fixed.replace(",", ""))
-        assert fixed in sizes and abs(fixed - grown) == min(abs(s - grown) for s in sizes)
-    assert all(0 <= acc <= 100 for acc, _ in rows.values())
-    assert len(re.findall(r"^grown - \((b|c)\) \w+: [+-]\d+\.\d+ ± \d+\.\d+ points", out, re.M)) == 2
-    passed = rows["grown"][0] >= rows["(b) fixed"][0] - 0.5 and rows["grown"][0] > rows["(c) noise"][0]
-    assert rc == (0 if passed else 1)
-    assert ("all bounds met" in out) == passed
+    assert rows["seed"][1] == 274 and rows["4x wide"][1] == 1066  # the teacher's 8-unit seed, and at 32 units
+    assert rows["grown"][1] > rows["seed"][1]
+    assert rows["random-theta"][1] == rows["grown"][1] == rows["retrained"][1]  # equal growth
+    assert abs(rows["fixed"][1] - rows["grown"][1]) <= 33  # the closest mlp: 33 parameters a hidden unit
+    assert len(re.findall(r"^(seed|fixed|random-theta|fixed-flops|retrained) - (grown|4x wide): [+-]\d+\.\d+ ± "
+                          r"\d+\.\d+ val loss", out, re.M)) == 6
+    checks = re.findall(r"^  (ok  |MISS) \(", out, re.M)
+    assert len(checks) == 6
+    assert rc == (1 if "MISS" in checks or "FAILED" in out else 0)
+    assert ("all bounds met" in out) == (rc == 0)
+
+
+def test_widths_scale_and_sizes_match():
+    assert bench_growth.scaled("zoo:mlp:16,16", 4) == "zoo:mlp:64,64"
+    assert bench_growth.scaled("zoo:vgg19", 0.25) == "zoo:vgg19:4"
+    spec = bench_growth.sized("zoo:mlp:8", (20,), 10, 703)
+    assert spec == "zoo:mlp:21"  # 21 hidden units: 703 parameters
