@@ -76,6 +76,22 @@ _COUNT = _number(int, low=1)  # a positive integer
 _NATURAL = _number(int, low=0)  # an integer >= 0
 _SEED = _number(int, low=0, high=2**62)
 _POSITIVE = _number(float, low=0, strict=True)
+_DEFAULT = object()  # an option left at GrowConfig's default
+
+
+def _target_factor(text: str) -> float | None:
+    """``--target-factor``: a number above 1, or ``none``."""
+    if text.strip().lower() == "none":
+        return None
+    value = _number(float, low=1, strict=True)(text)
+    return value
+
+
+def _default_factor() -> str:
+    from morphir.grow import GrowConfig
+
+    factor = GrowConfig().target_factor
+    return "none" if factor is None else f"{factor:g}"
 _NONNEGATIVE = _number(float, low=0)
 _CLASSES = _number(int, low=2)
 
@@ -157,12 +173,20 @@ def build_parser() -> argparse.ArgumentParser:
                              "its share and the scores decide where (instead of the λ rule)")
     target.add_argument("--target-flops", type=_POSITIVE, default=None,
                         help="as --target-params, in FLOPs per sample")
+    target.add_argument("--target-factor", type=_target_factor, default=_DEFAULT,
+                        help="grow to this many times the seed's size (parameters, or FLOPs with --resource flops) "
+                             "by the growth step after --target-phase; 'none': no target, the λ rule decides how "
+                             f"much (default {_default_factor()}; none when --lam is given without a target)")
     p.add_argument("--target-phase", type=_COUNT, default=None,
                    help="the phase after which the target size is reached (default: half the phases, rounded up)")
-    p.add_argument("--lam", type=_NONNEGATIVE, default=None, help="λ of the criterion -ΔL > λ·ΔR (default 0: whatever is predicted to lower the loss)")
+    p.add_argument("--lam", type=_NONNEGATIVE, default=None,
+                   help="λ of the criterion -ΔL > λ·ΔR (default 0: whatever is predicted to lower the loss); this, "
+                        "--top-fraction and --confidence are the λ rule's: given without a --target-*, they ask "
+                        "for the λ rule instead of the default target")
     p.add_argument("--resource", choices=["params", "flops"], default="params", help="what ΔR counts (default params)")
-    p.add_argument("--top-fraction", type=_number(float, low=0, strict=True, high=1), default=0.3, help="most of a group's positive morphisms applied per phase")
-    p.add_argument("--confidence", type=_NONNEGATIVE, default=0.0,
+    p.add_argument("--top-fraction", type=_number(float, low=0, strict=True, high=1), default=None,
+                   help="with the λ rule: most of a group's positive morphisms applied per phase (default 0.3)")
+    p.add_argument("--confidence", type=_NONNEGATIVE, default=None,
                    help="apply a morphism only when -ΔL minus this many standard errors of its estimate still "
                         "exceeds λ·ΔR (default 0: the paper's rule; 2 grows about a third fewer parameters on "
                         "digits at the same accuracy)")
@@ -476,12 +500,17 @@ def _grow(args: argparse.Namespace) -> int:
     from morphir.report import write_report
 
     options = {"phases": args.phases, "phase_epochs": args.phase_epochs, "resource": args.resource,
-               "top_fraction": args.top_fraction, "confidence": args.confidence, "lr": args.lr, "seed": args.seed,
+               "lr": args.lr, "seed": args.seed,
                "theta": args.theta, "method": args.method, "when": args.when, "patience": args.patience,
                "budget_flops": args.budget_flops, "target_params": args.target_params,
                "target_flops": args.target_flops, "target_phase": args.target_phase}
-    if args.lam is not None:
-        options["lam"] = args.lam
+    if args.target_factor is not _DEFAULT:
+        options["target_factor"] = args.target_factor
+    lam_rule = {k: v for k, v in (("lam", args.lam), ("top_fraction", args.top_fraction),
+                                  ("confidence", args.confidence)) if v is not None}
+    options.update(lam_rule)
+    if lam_rule and args.target_factor is _DEFAULT and args.target_params is None and args.target_flops is None:
+        options["target_factor"] = None  # the λ rule's options ask for the λ rule: no default target
     try:
         cfg = GrowConfig(**options)
     except MorphirError as exc:  # options that do not fit together (e.g. --target-phase past the last step)

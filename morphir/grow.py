@@ -104,7 +104,12 @@ class GrowConfig:
     the growth step after phase ``target_phase`` (None: half the phases, rounded up): each step adds
     its share of what is left, split evenly over the steps until then, and the grower chooses where
     (for ``gn``: the candidates with the best estimated loss change per unit added, one per channel,
-    whatever λ says). ``count_growth_flops``: count each growth step's FLOPs (``growth_flops`` in
+    whatever λ says). ``target_factor``: the same, relative to the seed: grow to this many times the
+    seed's parameters (``resource="params"``) or FLOPs per sample (``"flops"``); an absolute target
+    takes precedence. The default, 4 × the seed by the middle growth step, is the measured choice
+    (docs/tasks.md): the λ rule alone adds width too little and too late. ``target_factor=None``
+    with no absolute target leaves how much to grow to the λ rule (``lam``, ``top_fraction``,
+    ``confidence``), the paper's method. ``count_growth_flops``: count each growth step's FLOPs (``growth_flops`` in
     its record, and in ``train_flops``) without a budget too (torch's flop counter slows a step
     about 2.5×). ``seed``: every shuffle, initial θ and scoring pass derives from it.
     """
@@ -133,6 +138,7 @@ class GrowConfig:
     target_params: int | None = None
     target_flops: float | None = None
     target_phase: int | None = None
+    target_factor: float | None = 4.0
     count_growth_flops: bool = False
     seed: int = 0
 
@@ -171,6 +177,8 @@ class GrowConfig:
             number("target_flops", self.target_flops, strict=True)
         if self.target_params is not None and self.target_flops is not None:
             raise MorphirError("give target_params or target_flops, not both")
+        if self.target_factor is not None:
+            number("target_factor", self.target_factor, low=1.0, strict=True)
         if self.target_phase is not None:
             integer("target_phase", 1, self.target_phase)
             if self.target_phase > max(self.phases - 1, 1):
@@ -193,6 +201,19 @@ class GrowConfig:
         if self.target_flops is not None:
             return ("flops", float(self.target_flops))
         return None
+
+    def resolved(self, seed_params: int, seed_flops: float) -> GrowConfig:
+        """This config with ``target_factor`` turned into an absolute target for a seed of that size
+        (unchanged without a factor, or with an absolute target already).
+
+        >>> GrowConfig(target_factor=4).resolved(274, 266).target_params
+        1096
+        """
+        if self.target_factor is None or self.target is not None:
+            return self
+        if self.resource == "flops":
+            return dataclasses.replace(self, target_flops=self.target_factor * float(seed_flops))
+        return dataclasses.replace(self, target_params=max(1, round(self.target_factor * seed_params)))
 
     def step_budget(self, phase: int, size: float) -> float:
         """How much the growth step after ``phase`` adds toward the target from ``size``: what is left,
@@ -704,6 +725,12 @@ def _progress(enabled: bool | None) -> bool:
     return sys.stderr.isatty() if enabled is None else enabled
 
 
+# settings added after checkpoints were first written, with the value that reproduces the code before
+_BEFORE_SETTING = {"target_params": None, "target_flops": None, "target_phase": None, "target_factor": None,
+                   "count_growth_flops": False}
+_BEFORE_GROWER_SETTING = {"init": "random"}  # the gn grower's, before its θ started at s2d's directions
+
+
 def grow(
     model: nn.Module | MorphGraph,
     train: Iterable[tuple[Any, Any]],
@@ -773,6 +800,7 @@ def grow(
         raise MorphirError(f"{type(seed_graph.module).__name__} has no parameters: there is nothing to train or grow")
     seed_graph = grower.prepare(seed_graph, cfg)
     seed_params, seed_flops = seed_graph.num_params(), count_flops(seed_graph)
+    cfg = cfg.resolved(seed_params, seed_flops)
     out_dir = Path(run_dir) if run_dir is not None else None
     settings = {**cfg.as_dict(), "grower": grower.settings()}  # a resume needs the same of both
     config_json = json.dumps(settings, sort_keys=True)
@@ -784,14 +812,24 @@ def grow(
         if ckpt["identity"] != identity:
             raise CheckpointError(f"{out_dir / CHECKPOINT} belongs to {ckpt['identity']!r}, not {identity!r}")
         if ckpt["config"] != config_json:
-            # a setting added since the checkpoint was written counts as its default there
-            defaults = json.loads(json.dumps(GrowConfig().as_dict()))
+            # a setting added since the checkpoint was written counts as what the code did before it
+            defaults = json.loads(json.dumps({**GrowConfig().as_dict(), **_BEFORE_SETTING}))
             old = {**defaults, **json.loads(ckpt["config"])}
             new = json.loads(config_json)
+            if isinstance(old.get("grower"), dict) and isinstance(new.get("grower"), dict):
+                old["grower"] = {**{k: v for k, v in _BEFORE_GROWER_SETTING.items() if k in new["grower"]},
+                                 **old["grower"]}
             diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k))
             if diff:
+                hint = ""
+                if old.get("target_factor") is None and new.get("target_factor") is not None and \
+                        old.get("target_params") is None and old.get("target_flops") is None:
+                    hint = " (a run that grew by the λ rule resumes with --target-factor none, or target_factor=None)"
+                if (old.get("grower") or {}).get("init") != (new.get("grower") or {}).get("init"):
+                    hint += (f" (its grower started θ with init={old['grower'].get('init')!r}: resume with "
+                             f"method=GaussNewton(init={old['grower'].get('init')!r}))")
                 raise CheckpointError(f"{out_dir / CHECKPOINT} was made with other settings ({diff}); resume with "
-                                      "the same ones")
+                                      f"the same ones{hint}")
         if ckpt["phase"] > cfg.phases:
             raise CheckpointError(f"{out_dir / CHECKPOINT}: field 'phase' is {ckpt['phase']}, beyond the run's "
                                   f"{cfg.phases} phases; the checkpoint is not this run's")

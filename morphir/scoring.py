@@ -44,6 +44,8 @@ __all__ = [
     "propagate",
     "dot_at_consumers",
     "gn_estimate",
+    "grad_dot",
+    "curvature_factors",
     "spearman",
     "exact_delta_loss",
     "exact_delta_losses",
@@ -56,6 +58,8 @@ LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
 
 SCORE_KEY = "morphir.score"
 _MIN_LOSS = 1e-8
+CURVATURES = ("rank-one", "gauss-newton")
+MAX_CURVATURE_OUTPUTS = 64  # output features per sample up to which the exact Gauss-Newton term is used
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,13 @@ class ScoreConfig:
     ``final_pass``: after learning θ, :func:`score` makes one more pass over the batches with θ
     fixed and reports the mean estimate there, so the estimate belongs to the θ returned (the EMA
     lags behind a θ that is still moving and understated splits' ΔL about threefold).
+    ``curvature``: the second-order term of the estimate. ``"rank-one"`` is the paper's
+    (Δz·g)²/(4L), the curvature of the loss along g alone; ``"gauss-newton"`` is ½ Δzᵀ Jᵀ H J Δz,
+    with H the Hessian of each sample's loss at the network's output and J the Jacobian from z to
+    it, computed exactly from H's eigenvectors (one batched backward pass per output feature; with
+    more than ``MAX_CURVATURE_OUTPUTS`` output features per sample, rank-one is used). Rank-one
+    sees no curvature across g, so Adam moves θ there freely: the estimates overstate the gain and
+    the true loss can rise (see docs/tasks.md).
     """
 
     lr: float = 1e-2
@@ -77,6 +88,11 @@ class ScoreConfig:
     epochs: int = 1
     seed: int = 0
     final_pass: bool = True
+    curvature: str = "rank-one"
+
+    def __post_init__(self) -> None:
+        if self.curvature not in CURVATURES:
+            raise MorphirError(f"ScoreConfig.curvature must be one of {', '.join(CURVATURES)}, got {self.curvature!r}")
 
 
 class ScoreContext:
@@ -86,6 +102,12 @@ class ScoreContext:
     ``input_grad(node)``: the gradient at the first input of the call ``node`` through that call
     only (what a consumer layer passes back); ``losses``: per-sample losses Lₙ.
 
+    With Gauss-Newton curvature (``ScoreConfig(curvature="gauss-newton")``) the context also holds
+    K *curvature probes*: gradients of the network output along the square-root factors of each
+    sample's loss Hessian, so that Σₖ (Δz·gₖ)² = Δzᵀ Jᵀ H J Δz. ``probe_grad(node)`` and
+    ``probe_input_grad(call)`` give them stacked, shape (K, *gradient shape); ``probes`` is K (0
+    without). :func:`dot_at_consumers` and :func:`grad_dot` use them when present.
+
     ``memo`` is one dict for the whole scoring pass (the weights do not change during it): a
     morphism may keep there what depends on the weights only (stacked incoming weights, folded
     batch-norm scales), keyed by its own name. The network is in eval mode while morphisms run.
@@ -93,12 +115,17 @@ class ScoreContext:
 
     def __init__(self, graph: MorphGraph, values: dict[str, Any], grads: dict[str, torch.Tensor],
                  input_grads: dict[str, torch.Tensor], losses: torch.Tensor, *,
-                 memo: dict[Any, Any] | None = None):
+                 memo: dict[Any, Any] | None = None, probe_grads: dict[str, torch.Tensor] | None = None,
+                 probe_input_grads: dict[str, torch.Tensor] | None = None):
         self.graph = graph
         self.values = values
         self.grads = grads
         self.input_grads = input_grads
         self.losses = losses
+        self.probe_grads = probe_grads or {}
+        self.probe_input_grads = probe_input_grads or {}
+        any_probe = next(iter({**self.probe_grads, **self.probe_input_grads}.values()), None)
+        self.probes = 0 if any_probe is None else int(any_probe.shape[0])
         self.memo: dict[Any, Any] = {} if memo is None else memo
         if "morphir.nodes" not in self.memo:
             self.memo["morphir.nodes"] = {n.name: n for n in graph.module.graph.nodes}
@@ -129,6 +156,14 @@ class ScoreContext:
     def input_grad(self, call: str) -> torch.Tensor:
         """Per-sample gradient at the first input of the call ``call``, through that call only."""
         return self.input_grads[call]
+
+    def probe_grad(self, name: str) -> torch.Tensor:
+        """The curvature probes' gradients at the output of ``name``, shape (K, *value shape)."""
+        return self.probe_grads[name]
+
+    def probe_input_grad(self, call: str) -> torch.Tensor:
+        """The curvature probes' gradients at the first input of ``call``, through that call only."""
+        return self.probe_input_grads[call]
 
     def run_node(self, name: str, replace: Mapping[str, torch.Tensor], *, repeat: int = 1) -> torch.Tensor:
         """Re-run node ``name`` with the outputs of some of its input nodes replaced.
@@ -166,8 +201,10 @@ class Capturer:
     >>> ctx = cap(x, y, F.cross_entropy)
     """
 
-    def __init__(self, graph: MorphGraph, *, grad_nodes: Iterable[str] = (), alias_calls: Iterable[str] = ()):
+    def __init__(self, graph: MorphGraph, *, grad_nodes: Iterable[str] = (), alias_calls: Iterable[str] = (),
+                 curvature: str = "rank-one"):
         self.graph = graph
+        self.curvature = curvature
         self.grad_nodes = list(dict.fromkeys(grad_nodes))
         alias_calls = set(alias_calls)
         src = graph.module.graph
@@ -204,13 +241,70 @@ class Capturer:
                 raise TrainingError("the loss is NaN or infinite on this batch; check the data and the model before scoring")
             wanted = [values[n] for n in self.grad_nodes]
             targets = wanted + [aliases[n] for n in self.alias_names]
-            grads = torch.autograd.grad(losses.sum(), targets, allow_unused=True) if targets else []
+            factors = None
+            if self.curvature == "gauss-newton" and targets and isinstance(out, torch.Tensor):
+                factors = curvature_factors(loss_fn, out.detach(), y)
+            grads = torch.autograd.grad(losses.sum(), targets, allow_unused=True,
+                                        retain_graph=factors is not None) if targets else []
+            probe = _probe_grads(out, targets, factors) if factors is not None else None
         node_grads = {n: (g if g is not None else torch.zeros_like(v)).detach()
                       for n, v, g in zip(self.grad_nodes, wanted, grads)}
         alias_grads = {n: (g if g is not None else torch.zeros_like(aliases[n])).detach()
                        for n, g in zip(self.alias_names, grads[len(wanted):])}
+        probe_nodes = probe_alias = None
+        if probe is not None:
+            k = factors.shape[0]
+            zeros = lambda v: v.new_zeros((k, *v.shape))  # noqa: E731
+            probe_nodes = {n: (g if g is not None else zeros(v)).detach()
+                           for n, v, g in zip(self.grad_nodes, wanted, probe)}
+            probe_alias = {n: (g if g is not None else zeros(aliases[n])).detach()
+                           for n, g in zip(self.alias_names, probe[len(wanted):])}
         values = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in values.items()}
-        return ScoreContext(self.graph, values, node_grads, alias_grads, losses.detach(), memo=memo)
+        return ScoreContext(self.graph, values, node_grads, alias_grads, losses.detach(), memo=memo,
+                            probe_grads=probe_nodes, probe_input_grads=probe_alias)
+
+
+def curvature_factors(loss_fn: LossFn, output: torch.Tensor, target: Any) -> torch.Tensor | None:
+    """Square-root factors of each sample's loss Hessian at the output: U of shape (K, *output
+    shape) with Σₖ uₖ uₖᵀ = ∇²ₒ Lₙ for every sample n (K = the output features per sample; the
+    negative part of an indefinite Hessian is dropped). None when a sample has more than
+    ``MAX_CURVATURE_OUTPUTS`` output features or the loss has no Hessian torch can take.
+
+    >>> U = curvature_factors(F.cross_entropy, logits, y)    # (10, 64, 10) for 10 classes
+    """
+    n = output.shape[0]
+    features = output[0].numel() if output.dim() > 0 and n > 0 else 0
+    if not 0 < features <= MAX_CURVATURE_OUTPUTS:
+        return None
+    flat = output.detach().reshape(n, features)
+
+    def sample_loss(o: torch.Tensor, t: Any) -> torch.Tensor:
+        return loss_fn(o.reshape(1, *output.shape[1:]), t.unsqueeze(0) if isinstance(t, torch.Tensor) else t)
+
+    try:
+        from torch.func import hessian, vmap
+
+        h = vmap(hessian(sample_loss))(flat, target)
+    except Exception:  # noqa: BLE001 - a loss vmap cannot trace: one sample at a time
+        try:
+            h = torch.stack([torch.autograd.functional.hessian(lambda o: sample_loss(o, target[i]), flat[i])
+                             for i in range(n)])
+        except Exception:  # noqa: BLE001 - no Hessian: the caller falls back to rank-one
+            log.info("no Hessian of the loss at the output; scoring with the rank-one curvature")
+            return None
+    h = h.reshape(n, features, features).to(torch.float64)
+    vals, vecs = torch.linalg.eigh((h + h.transpose(1, 2)) / 2)
+    factors = vecs * vals.clamp_min(0).sqrt().unsqueeze(1)  # column k: √λₖ qₖ
+    return factors.permute(2, 0, 1).reshape(features, *output.shape).to(output.dtype)
+
+
+def _probe_grads(out: torch.Tensor, targets: list[torch.Tensor], factors: torch.Tensor) -> list[torch.Tensor | None]:
+    """Gradients at ``targets`` of ⟨out, uₖ⟩ for every factor k, stacked (K, *target shape)."""
+    try:
+        return list(torch.autograd.grad(out, targets, grad_outputs=factors, is_grads_batched=True, allow_unused=True))
+    except RuntimeError:  # an op without a batched backward: one factor at a time
+        per = [torch.autograd.grad(out, targets, grad_outputs=u, allow_unused=True, retain_graph=True) for u in factors]
+        return [None if per[0][i] is None else torch.stack([p[i] for p in per]) for i in range(len(targets))]
 
 
 @contextlib.contextmanager
@@ -295,9 +389,11 @@ def dot_at_consumers(ctx: ScoreContext, group: ChannelGroup, delta: Callable[[st
     """Σ over the group's consumers of Δz·g per channel and sample, shape (width, N).
 
     ``delta(node)`` gives Δz at a node a consumer reads (None: unchanged); g is the gradient
-    through that consumer only.
+    through that consumer only. With curvature probes in ``ctx`` (``ctx.probes`` = K > 0) the
+    result is (width, N, 1 + K): Δz·g, then Δz·gₖ for each probe (see :func:`gn_estimate`).
     """
     total = None
+    k = ctx.probes
     for cons in group.consumers:
         read = ctx.node(cons.node).args[0].name
         dz = delta(read)
@@ -306,6 +402,9 @@ def dot_at_consumers(ctx: ScoreContext, group: ChannelGroup, delta: Callable[[st
         g = ctx.input_grad(cons.node)
         layout = ctx.graph.layout(read)
         seg = cons.segment
+        if k:  # the gradient and the probes' gradients along the batch: ((1 + K)·N, ...)
+            g = torch.cat([g.unsqueeze(0), ctx.probe_input_grad(cons.node)]).flatten(0, 1)
+            dz = dz.unsqueeze(0).expand(k + 1, *dz.shape).flatten(0, 1)
         prod = dz * g
         if layout.axis != 1:
             prod = prod.movedim(layout.axis, 1)
@@ -314,11 +413,27 @@ def dot_at_consumers(ctx: ScoreContext, group: ChannelGroup, delta: Callable[[st
             prod = prod[:, seg.offset : seg.offset + seg.width * seg.inner]
         if seg.inner > 1:
             prod = prod.reshape(prod.shape[0], seg.width, seg.inner).sum(-1)
-        part = prod.T  # (width, N)
+        part = prod.T  # (width, N), or (width, (1 + K)·N) with probes
+        if k:
+            part = part.unflatten(1, (k + 1, -1)).transpose(1, 2)
         total = part if total is None else total + part
     if total is None:
-        return ctx.losses.new_zeros(group.width, ctx.losses.shape[0])
+        shape = (group.width, ctx.losses.shape[0]) + ((k + 1,) if k else ())
+        return ctx.losses.new_zeros(shape)
     return total
+
+
+def grad_dot(ctx: ScoreContext, dz: torch.Tensor, node: str) -> torch.Tensor:
+    """Δz·g per sample at the output of ``node``, shape (N,), or (N, 1 + K) with curvature probes
+    (Δz·g, then Δz·gₖ): for morphisms whose change adds to one node's output.
+
+    >>> s = grad_dot(ctx, dz, "layer1_0_relu")
+    """
+    g = ctx.grad(node)
+    if ctx.probes:
+        g = torch.cat([g.unsqueeze(0), ctx.probe_grad(node)])  # (1 + K, N, ...)
+        return (dz.unsqueeze(0) * g).reshape(g.shape[0], g.shape[1], -1).sum(-1).T
+    return (dz * g).reshape(dz.shape[0], -1).sum(1)
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
@@ -338,8 +453,14 @@ def gn_estimate(s: torch.Tensor, losses: torch.Tensor, *, per_sample: bool,
     """ΔL from s = Δz·g per site and sample, shape (sites, N) -> (sites,).
 
     Whole-batch: s̄ + s̄²/(4 L̂); per-sample: mean over n of sₙ + sₙ²/(4 Lₙ). ``inv4l``: 1/(4 Lₙ)
-    computed once for a batch scored many times (the scoring pass passes it).
+    computed once for a batch scored many times (the scoring pass passes it). With curvature
+    probes s has shape (sites, N, 1 + K), Δz·g and then Δz·gₖ, and the estimate is the
+    Gauss-Newton one, mean over n of sₙ,₀ + ½ Σₖ sₙ,ₖ² (the same per sample and whole-batch).
+
+    >>> gn_estimate(s, ctx.losses, per_sample=True)
     """
+    if s.dim() == 3:
+        return (s[..., 0] + 0.5 * s[..., 1:].pow(2).sum(-1)).mean(dim=1)
     if per_sample:
         if inv4l is None:
             inv4l = 1.0 / (4 * losses.clamp_min(_MIN_LOSS))
@@ -366,7 +487,9 @@ class Scorer:
     """The scoring pass one batch at a time: ``step(x, y)`` per batch, then ``finish()``.
 
     :func:`score` is this loop over batches; use a Scorer to interleave scoring with other work.
-    ``only`` restricts scoring to those candidates (default: every candidate of ``morphisms``).
+    ``only`` restricts scoring to those candidates (default: every candidate of ``morphisms``);
+    ``init`` gives the θ some candidates start from (the others start where their morphism's
+    ``init_theta`` puts them; each given θ is projected into its trust region).
 
     >>> scorer = Scorer(g, F.cross_entropy, ("split",))
     >>> for x, y in loader: scorer.step(x, y)
@@ -382,6 +505,7 @@ class Scorer:
         config: ScoreConfig | None = None,
         registry: Registry | None = None,
         only: Iterable[Candidate] | None = None,
+        init: Mapping[Candidate, torch.Tensor] | None = None,
     ):
         self.graph, self.loss_fn = graph, loss_fn
         self.cfg = config or ScoreConfig()
@@ -403,12 +527,21 @@ class Scorer:
                     theta = m.init_theta(graph, sites, self.cfg.trust, gen)
                 except NotImplementedError as exc:
                     raise MorphismError(f"morphism {m.name!r} cannot be scored: {exc}") from exc
-                self.plans.append((m, group, theta, m.trust_radius(graph, sites, self.cfg.trust)))
+                radius = m.trust_radius(graph, sites, self.cfg.trust)
+                if init:
+                    given = [(j, init[c]) for j, c in enumerate(group) if c in init]
+                    if given:
+                        with torch.no_grad():
+                            for j, t in given:
+                                theta[j].copy_(t.reshape(theta[j].shape).to(theta))
+                            _project(theta, radius)
+                self.plans.append((m, group, theta, radius))
                 self.alias_calls |= set(m.alias_calls(graph, sites))
                 self.grad_nodes |= set(m.grad_nodes(graph, sites))
         learnable = [p[2].requires_grad_() for p in self.plans if p[0].learnable]
         self.opt = _adam(learnable, self.cfg.lr) if learnable else None
-        self.capturer = Capturer(graph, grad_nodes=self.grad_nodes, alias_calls=self.alias_calls)
+        self.capturer = Capturer(graph, grad_nodes=self.grad_nodes, alias_calls=self.alias_calls,
+                                 curvature=self.cfg.curvature)
         self.memo: dict[Any, Any] = {}
         self.ema: list[torch.Tensor | None] = [None] * len(self.plans)
         self.fixed_sum: list[torch.Tensor] | None = None
@@ -458,7 +591,11 @@ class Scorer:
             inv4l = 1.0 / (4 * ctx.losses.clamp_min(_MIN_LOSS))
             for i, (m, group, theta, _) in enumerate(self.plans):
                 s = m.local_change(ctx, [c.site for c in group], theta.detach())
-                if self.cfg.per_sample:  # every sample's estimate: the mean and its standard error
+                if s.dim() == 3:  # Gauss-Newton curvature: every sample's estimate
+                    e = (s[..., 0] + 0.5 * s[..., 1:].pow(2).sum(-1)).double()
+                    if not self.cfg.per_sample:
+                        e = e.mean(dim=1, keepdim=True)
+                elif self.cfg.per_sample:  # every sample's estimate: the mean and its standard error
                     e = (s + s * s * inv4l).double()
                 else:  # one estimate per batch
                     e = gn_estimate(s, ctx.losses, per_sample=False).double().unsqueeze(1)
@@ -503,6 +640,7 @@ def score(
     config: ScoreConfig | None = None,
     registry: Registry | None = None,
     estimate_batches: Batches | None = None,
+    init: Mapping[Candidate, torch.Tensor] | None = None,
 ) -> list[Candidate]:
     """Score every candidate of ``morphisms`` on ``graph``: learn θ, estimate ΔL, attach both.
 
@@ -510,7 +648,8 @@ def score(
     ``loss_fn(output, y)``: a mean loss. The network runs in eval mode; its weights and ``.grad``
     are not touched. ``estimate_batches``: make the final pass over these instead (held-out
     batches: an estimate on the batches θ was learned on is biased towards gains that do not
-    generalise). Each candidate gets ``.theta``, ``.estimate`` (ΔL at that θ: the mean over a
+    generalise). ``init``: the θ some candidates start from (see :class:`Scorer`; the ``gn``
+    grower starts splits at splitting steepest descent's directions). Each candidate gets ``.theta``, ``.estimate`` (ΔL at that θ: the mean over a
     final pass with θ fixed, or the EMA over batches without ``final_pass``),
     ``.extra["stderr"]`` (the standard error of that mean, over samples, after a final pass),
     ``.delta_params`` and ``.delta_flops``, and the same record is written to
@@ -518,7 +657,7 @@ def score(
 
     >>> cands = morphir.score(g, lambda: train_loader, F.cross_entropy, config=morphir.ScoreConfig(epochs=2))
     """
-    scorer = Scorer(graph, loss_fn, morphisms, config=config, registry=registry)
+    scorer = Scorer(graph, loss_fn, morphisms, config=config, registry=registry, init=init)
     for _ in range(scorer.cfg.epochs):
         for x, y in _batches(batches):
             scorer.step(x, y)

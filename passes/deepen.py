@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from morphir import MorphGraph, Morphism, Rewriter, ScoreContext, Site
+from morphir import MorphGraph, Morphism, Rewriter, ScoreContext, Site, grad_dot
 
 __all__ = ["Deepen"]
 
@@ -142,7 +142,7 @@ class Deepen(Morphism):
     def local_change(self, ctx: ScoreContext, sites: Sequence[Site], theta: torch.Tensor) -> torch.Tensor:
         rows = []
         for site, t in zip(sites, theta):
-            a, g = ctx.value(site.anchor), ctx.grad(site.anchor)
+            a = ctx.value(site.anchor)
             layer = self._layer(ctx.graph, site)
             apply_weight = (lambda x, w: F.linear(x, w)) if isinstance(layer, nn.Linear) else (
                 lambda x, w: layer._conv_forward(x, w, None))
@@ -155,5 +155,5 @@ class Deepen(Morphism):
                 eye[(idx, idx, *(k // 2 for k in eye.shape[2:]))] = 1
                 act = _IDEMPOTENT[_op(ctx.graph, site.anchor)]()
                 dz = act(apply_weight(a, eye + t)) - a
-            rows.append((dz * g).reshape(dz.shape[0], -1).sum(1))
+            rows.append(grad_dot(ctx, dz, site.anchor))
         return torch.stack(rows)

@@ -18,6 +18,15 @@ The estimates are made one candidate at a time and trusted only as far as they a
   help one by one can hurt together: the search is also run without them, and the better of the
   two is applied.
 
+**Where θ starts.** A split changes the function only through its activation's curvature, and
+for a kinked one (ReLU) only where a copy's pre-activation crosses the kink: from a random
+direction in a layer with hundreds of incoming weights almost no sample crosses, the estimate and
+its gradient are exactly zero, and Adam never moves (measured on vgg19/digits: 9 of 16 channels
+of a middle layer kept their random θ). With ``init="s2d"`` (the default) each split's θ starts
+at the smallest eigenvector of its splitting matrix (:func:`split_init`, the direction splitting
+steepest descent takes, smoothed at the kink), at half the trust radius, and the Gauss-Newton
+estimate then learns θ from there; ``init="random"`` is the random start.
+
 >>> morphir.grow(model, train, val, F.cross_entropy, method="gn", lam=1e-5)
 """
 
@@ -27,10 +36,40 @@ import dataclasses
 
 import torch
 
-from morphir import (Candidate, Grower, Growth, GrowthStep, apply_in_turn, batch_loss, count_flops, exact_delta_losses,
-                     line_search, score, select)
+from collections.abc import Callable, Iterable
+from typing import Any
 
-__all__ = ["GaussNewton"]
+from morphir import (Candidate, Grower, Growth, GrowthStep, MorphGraph, MorphirError, Registry, ScoreConfig,
+                     apply_in_turn, batch_loss, candidates, count_flops, exact_delta_losses, line_search, score, select)
+from morphir.passes.s2d import splitting_matrices
+
+__all__ = ["GaussNewton", "split_init"]
+
+INITS = ("s2d", "random")
+
+
+def split_init(graph: MorphGraph, batches: Iterable[tuple[Any, Any]], loss_fn: Callable[..., torch.Tensor], *,
+               trust: float = ScoreConfig().trust, registry: Registry | None = None) -> dict[Candidate, torch.Tensor]:
+    """Where the scoring pass starts each split's θ: for every channel of a group splitting
+    steepest descent can model (:func:`morphir.passes.s2d.splitting_matrices`) whose splitting
+    matrix has a negative eigenvalue, its eigenvector of the smallest one at half the trust radius,
+    ``0.5 · trust · ‖w‖ · v_min``. Other channels are left out (they start at random).
+
+    >>> thetas = split_init(g, batches, F.cross_entropy)
+    >>> cands = morphir.score(g, batches, F.cross_entropy, ("split",), init=thetas)
+    """
+    batches = list(batches)
+    cands = candidates(graph, "split", registry=registry)
+    sms = splitting_matrices(graph, batches, loss_fn, groups=list(dict.fromkeys(c.site.anchor for c in cands)))
+    out: dict[Candidate, torch.Tensor] = {}
+    for c in cands:
+        sm = sms.get(c.site.anchor)
+        i = c.site.index
+        if sm is None or not float(sm.eigenvalues[i]) < 0:
+            continue
+        dtype = graph.incoming_weights(c.site.anchor, i).dtype
+        out[c] = (0.5 * trust * float(sm.weight_norms[i]) * sm.directions[i]).to(dtype)
+    return out
 
 
 def _learnable(c: Candidate) -> bool:
@@ -49,8 +88,11 @@ class GaussNewton(Grower):
     preserving = True
     ROUNDS = 3  # rewrites per growth step toward a target size (up to 8 times a group's width)
 
-    def __init__(self, verify: bool = True):
+    def __init__(self, verify: bool = True, init: str = "s2d"):
+        if init not in INITS:
+            raise MorphirError(f"GaussNewton(init=...) must be one of {', '.join(INITS)}, got {init!r}")
         self.verify = verify
+        self.init = init
 
     def grow(self, step: GrowthStep) -> Growth:
         if step.budget is not None:
@@ -68,13 +110,15 @@ class GaussNewton(Grower):
         chosen = [c for c in chosen if c in thetas]
         return Growth(chosen=chosen, thetas=thetas, estimated_gain=-sum(c.estimate for c in chosen), info=info)
 
-    @staticmethod
-    def _score(step: GrowthStep, graph) -> list[Candidate]:
+    def _score(self, step: GrowthStep, graph) -> list[Candidate]:
         cfg = step.config
         score_cfg = dataclasses.replace(cfg.score, seed=step.seed % (2**31),
                                         lr=0.0 if cfg.theta == "random" else cfg.score.lr)
+        init = None
+        if self.init == "s2d" and cfg.theta == "learned" and "split" in cfg.morphisms:
+            init = split_init(graph, step.batches, step.loss_fn, trust=score_cfg.trust, registry=step.registry)
         return score(graph, lambda: iter(step.batches), step.loss_fn, cfg.morphisms, config=score_cfg,
-                     registry=step.registry)
+                     registry=step.registry, init=init)
 
     def _to_budget(self, step: GrowthStep) -> Growth:
         """Growth to a target size: up to ``ROUNDS`` rewrites, each scored on the graph the last one

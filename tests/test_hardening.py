@@ -109,10 +109,10 @@ def finished_run(tmp_path_factory) -> Path:
     return run
 
 
-def resume(run: Path, phases: int = 2) -> morphir.GrowResult:
+def resume(run: Path, phases: int = 2, **options) -> morphir.GrowResult:
     train, val = loaders(n=128)
     return morphir.grow(small_net(), train, val, F.cross_entropy, phases=phases, phase_epochs=1, run_dir=run,
-                        resume=True, progress=False)
+                        resume=True, progress=False, **options)
 
 
 def copy_run(src: Path, dst: Path) -> Path:
@@ -188,10 +188,16 @@ def test_a_checkpoint_without_checksum_from_before_still_resumes(finished_run, t
     ckpt = torch.load(path, weights_only=True)
     ckpt.pop("checksum")
     config = json.loads(ckpt["config"])  # settings added since, absent from older checkpoints
-    for key in ("target_params", "target_flops", "target_phase", "count_growth_flops"):
+    for key in ("target_params", "target_flops", "target_phase", "target_factor", "count_growth_flops"):
         config.pop(key)
+    config["grower"].pop("init")
     torch.save({**ckpt, "format": 2, "config": json.dumps(config, sort_keys=True)}, path)
-    result = resume(run)
+    # such a run grew by the λ rule, from random θ: resuming it with today's defaults is refused, saying how
+    with pytest.raises(morphir.CheckpointError, match=r"--target-factor none.*init=.random."):
+        resume(run)
+    from morphir.passes import GaussNewton
+
+    result = resume(run, target_factor=None, method=GaussNewton(init="random"))
     assert len(result.metrics) == 2
     assert "without a checksum" in caplog.text
 

@@ -16,23 +16,28 @@ import morphism_quality as mq  # noqa: E402
 
 def test_quick_run_prints_the_table_and_writes_the_chart(tmp_path, capsys, monkeypatch) -> None:
     seen: dict = {}
-    measure, plot = mq.measure, mq.plot
+    measure_all, plot = mq.measure_all, mq.plot
 
-    def keep_rows(args):
-        seen["group"], seen["rows"] = measure(args)
-        return seen["group"], seen["rows"]
+    def keep_cells(args):
+        seen["cells"] = measure_all(args)
+        return seen["cells"]
 
-    def keep_figure(rows, group, out):
-        seen["figure"] = plot(rows, group, out)
+    def keep_figure(cells, out):
+        seen["figure"] = plot(cells, out)
         return seen["figure"]
 
-    monkeypatch.setattr(mq, "measure", keep_rows)
+    monkeypatch.setattr(mq, "measure_all", keep_cells)
     monkeypatch.setattr(mq, "plot", keep_figure)
     out = tmp_path / "quality.png"
-    assert mq.main(["--quick", "--out", str(out)]) == 0
+    code = mq.main(["--quick", "--out", str(out)])
     text = capsys.readouterr().out
-    rows = seen["rows"]
-    assert seen["group"] == "features.11.0"  # the middle of vgg19's 16 conv groups
+    (cell,) = seen["cells"]  # --quick: one layer of one net
+    rows = cell.rows
+    assert (cell.model, cell.group) == ("vgg19", "features.11.0")  # the middle of vgg19's 16 conv groups
+    medians, misses = mq.verdict(seen["cells"])
+    assert code == (1 if misses else 0)  # the exit status is the printed verdict
+    assert ("gn at least s2d and at least half of direct: " + ("missed" if misses else "ok")) in text
+    assert medians["gn"] == pytest.approx(mq.summary(rows)["gn"])  # one layer: its mean is the median
     assert [r.channel for r in rows] == [0, 1, 2, 3]  # --quick: the first 4 channels
 
     # the PNG is written, and holds one bar per method and channel at the measured decrease
@@ -70,12 +75,25 @@ def test_quick_run_prints_the_table_and_writes_the_chart(tmp_path, capsys, monke
 def test_plot_draws_grouped_bars(tmp_path) -> None:
     rows = [mq.Row(c, -1.0, 0.01, 0.1, {"gn": 0.01 * c, "s2d": -0.02, "direct": 0.03}, {m: 0.1 for m in mq.METHODS})
             for c in range(5)]
-    fig = mq.plot(rows, "g", tmp_path / "bars.png")
-    ax = fig.axes[0]
-    assert len(ax.patches) == 15
-    xs = sorted(p.get_x() + p.get_width() / 2 for p in ax.patches)
+    fig = mq.plot([mq.Cell("vgg19", "g", rows), mq.Cell("resnet20", "h", rows[:3])], tmp_path / "bars.png")
+    assert [len(ax.patches) for ax in fig.axes] == [15, 9]  # one panel per layer
+    xs = sorted(p.get_x() + p.get_width() / 2 for p in fig.axes[0].patches)
     assert all(b > a for a, b in zip(xs, xs[1:]))  # no two bars on top of each other
     assert (tmp_path / "bars.png").stat().st_size > 1000
     s = mq.summary(rows)
     assert s["gn_share"] == pytest.approx(sum(0.01 * c for c in range(5)) / 0.15)
     assert s["s2d_share"] == pytest.approx(-0.1 / 0.15)
+
+
+def test_verdict_takes_the_median_over_layers() -> None:
+    def cell(gn: float, s2d: float, direct: float) -> mq.Cell:
+        return mq.Cell("m", "g", [mq.Row(0, -1.0, 0.0, 0.1, {"gn": gn, "s2d": s2d, "direct": direct},
+                                         {m: 0.1 for m in mq.METHODS})])
+
+    medians, misses = mq.verdict([cell(0.02, 0.01, 0.03), cell(0.0, 0.05, 0.04), cell(0.03, 0.02, 0.05)])
+    assert medians == pytest.approx({"gn": 0.02, "s2d": 0.02, "direct": 0.04})
+    assert misses == []  # gn's median equals s2d's and is half of direct's
+    medians, misses = mq.verdict([cell(0.01, 0.02, 0.01)])
+    assert len(misses) == 1 and "below s2d's" in misses[0]
+    medians, misses = mq.verdict([cell(0.01, 0.0, 0.03)])
+    assert len(misses) == 1 and "half of direct's" in misses[0]

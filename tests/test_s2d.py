@@ -1,6 +1,7 @@
 """Splitting steepest descent (passes/s2d.py): the splitting matrix against the real loss, the
 smoothed ReLU, the line search's guarantee, the grower's selection, and a growth run."""
 
+import dataclasses
 import itertools
 import math
 
@@ -241,3 +242,32 @@ def test_growth_run_with_s2d_grows_and_never_raises_the_loss_at_a_step() -> None
     seed_graph = morphir.trace(seed, torch.zeros(1, 1, 8, 8))
     replayed = morphir.replay_entries(seed_graph, res.log[0], morphir.default_registry())
     assert replayed.num_params() == res.graph.num_params()
+
+
+def test_gn_starts_each_split_at_its_splitting_direction(vgg_step) -> None:
+    from morphir.passes.gn import GaussNewton, split_init
+
+    step = vgg_step
+    init = split_init(step.graph, step.batches, F.cross_entropy, trust=0.3)
+    sms = splitting_matrices(step.graph, step.batches, F.cross_entropy)
+    negative = {(g, i) for g, sm in sms.items() for i in range(len(sm.eigenvalues)) if float(sm.eigenvalues[i]) < 0}
+    assert {(c.site.anchor, c.site.index) for c in init} == negative and len(negative) > 50
+    for c, theta in list(init.items())[:20]:
+        sm = sms[c.site.anchor]
+        w = float(sm.weight_norms[c.site.index])
+        assert float(theta.norm()) == pytest.approx(0.15 * w, rel=1e-5)  # half the trust radius
+        cos = float(theta.double() @ sm.directions[c.site.index]) / float(theta.norm())
+        assert abs(cos) == pytest.approx(1.0, abs=1e-5)
+    # the grower hands them to the scoring pass (with lr 0, θ stays where it starts) ...
+    frozen = dataclasses.replace(step, config=morphir.GrowConfig(score=morphir.ScoreConfig(lr=0.0)))
+    scored = {c: c.theta for c in GaussNewton(init="s2d")._score(frozen, step.graph) if c.name == "split"}
+    assert all(torch.allclose(scored[c], init[c]) for c in init)
+    # ... and with init="random", or θ="random" (the ablation), they start at random
+    rand = {c: c.theta for c in GaussNewton(init="random")._score(frozen, step.graph) if c.name == "split"}
+    ablation = dataclasses.replace(frozen, config=dataclasses.replace(frozen.config, theta="random"))
+    rand2 = {c: c.theta for c in GaussNewton()._score(ablation, step.graph) if c.name == "split"}
+    for other in (rand, rand2):
+        cosines = [abs(float(other[c].double() @ init[c].double())) / float(other[c].norm() * init[c].norm()) for c in init]
+        assert max(cosines) < 0.9
+    with pytest.raises(morphir.MorphirError, match="init"):
+        GaussNewton(init="zeros")

@@ -181,3 +181,58 @@ def test_scoring_a_subset_gives_the_same_estimates_as_scoring_all() -> None:
     for c in part:
         assert c.estimate == pytest.approx(full[c].estimate, abs=1e-7)
         assert abs(c.estimate) > 1e-6
+
+
+def wide_readout_net() -> tuple[morphir.MorphGraph, list]:
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    x = torch.randn(48, 4, dtype=torch.float64)
+    return morphir.trace(net, x[:1]), [(x, torch.randn(48, 3, dtype=torch.float64))]
+
+
+def test_gauss_newton_curvature_is_exact_where_the_loss_is_quadratic_in_z_and_rank_one_is_not() -> None:
+    # three outputs: L(z + Δz) = L + g·Δz + ½ Δzᵀ Jᵀ H J Δz exactly (linear readout, MSE), which
+    # the rank-one (g·Δz)²/(4L) misses wherever J Δz is not along the residual
+    graph, batches = wide_readout_net()
+    kwargs = dict(morphisms=("split", "prune"))
+    gn = morphir.score(graph, batches, F.mse_loss, config=morphir.ScoreConfig(lr=0.0, curvature="gauss-newton"), **kwargs)
+    r1 = morphir.score(graph, batches, F.mse_loss, config=morphir.ScoreConfig(lr=0.0), **kwargs)
+    exact = morphir.exact_delta_losses(graph, gn, batches, F.mse_loss)
+    assert [c.key for c in gn] == [c.key for c in r1] and len(gn) == 12
+    for cand, truth in zip(gn, exact):
+        assert cand.estimate == pytest.approx(truth, rel=1e-6, abs=1e-9), cand
+    worst = max(abs(c.estimate - t) for c, t in zip(r1, exact))
+    assert worst > 1e-3 and worst > 20 * max(abs(c.estimate - t) for c, t in zip(gn, exact))
+
+
+def test_curvature_factors_square_to_the_loss_hessian() -> None:
+    torch.manual_seed(0)
+    logits, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 3, 1, 1, 2])
+    u = morphir.curvature_factors(F.cross_entropy, logits, y)
+    assert u.shape == (4, 5, 4)
+    p = logits.softmax(-1)
+    for n in range(5):  # cross-entropy: diag(p) − ppᵀ
+        h = torch.einsum("ki,kj->ij", u[:, n], u[:, n])
+        assert torch.allclose(h, torch.diag(p[n]) - torch.outer(p[n], p[n]), atol=1e-10)
+    out, target = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    u = morphir.curvature_factors(F.mse_loss, out, target)
+    h = torch.einsum("kni,knj->nij", u, u)
+    assert torch.allclose(h, (2 / 3) * torch.eye(3, dtype=torch.float64).expand(5, 3, 3), atol=1e-10)
+    big = torch.randn(2, morphir.scoring.MAX_CURVATURE_OUTPUTS + 1)
+    assert morphir.curvature_factors(F.mse_loss, big, torch.zeros_like(big)) is None  # too many: rank-one
+    with pytest.raises(morphir.MorphirError, match="curvature must be one of"):
+        morphir.ScoreConfig(curvature="diagonal")
+
+
+def test_scoring_starts_from_the_theta_it_is_given_inside_the_trust_region() -> None:
+    graph, batches = wide_readout_net()
+    cands = morphir.candidates(graph, "split")
+    w = graph.incoming_weights(cands[0].site.anchor, cands[0].site.index)
+    given = {cands[0]: 0.01 * torch.ones_like(w), cands[1]: 100.0 * torch.ones_like(w)}  # the second beyond trust
+    scored = {c.key: c for c in morphir.score(graph, batches, F.mse_loss, ("split",),
+                                                config=morphir.ScoreConfig(lr=0.0), init=given)}
+    assert torch.allclose(scored[cands[0].key].theta, given[cands[0]])
+    second = scored[cands[1].key].theta
+    radius = 0.3 * float(graph.incoming_weights(cands[1].site.anchor, cands[1].site.index).norm())
+    assert float(second.norm()) == pytest.approx(radius, rel=1e-5)  # projected onto the trust region
+    assert torch.allclose(second / second.norm(), given[cands[1]] / given[cands[1]].norm())

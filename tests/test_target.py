@@ -77,3 +77,26 @@ def test_cli_grows_to_a_target_and_refuses_a_target_phase_past_the_run(tmp_path,
     assert main(["grow", "zoo:mlp", "--data", "teacher", "--phases", "3", "--target-params", "1066",
                  "--target-phase", "3", "--out", str(tmp_path / "x")]) == 2
     assert "target_phase must be at most the last growth step (2)" in capsys.readouterr().err
+
+
+def test_a_target_factor_is_a_target_relative_to_the_seed(tmp_path, capsys) -> None:
+    cfg = morphir.GrowConfig(target_factor=4.0)
+    assert cfg.resolved(274, 300.0).target == ("params", 1096.0)
+    assert morphir.GrowConfig(target_factor=2.0, resource="flops").resolved(274, 300.0).target == ("flops", 600.0)
+    assert morphir.GrowConfig(target_factor=4.0, target_params=500).resolved(274, 300.0).target == ("params", 500.0)
+    assert morphir.GrowConfig(target_factor=None).resolved(274, 300.0).target is None  # the λ rule
+    for bad in (1.0, 0.5, float("nan")):
+        with pytest.raises(morphir.MorphirError, match="target_factor"):
+            morphir.GrowConfig(target_factor=bad)
+    out = tmp_path / "run"
+    assert main(["grow", "zoo:mlp", "--data", "teacher", "--phases", "2", "--phase-epochs", "1", "--target-factor",
+                 "3", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seed_params"] == 274 and abs(summary["final_params"] - 3 * 274) <= 30
+    with pytest.raises(SystemExit) as exc:
+        main(["grow", "zoo:mlp", "--data", "teacher", "--target-factor", "0.5", "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2 and "argument --target-factor: 0.5 must be > 1" in capsys.readouterr().err
+    assert main(["grow", "zoo:mlp", "--data", "teacher", "--phases", "2", "--phase-epochs", "1", "--target-factor",
+                 "none", "--out", str(tmp_path / "lam")]) == 0
+    lam = json.loads((tmp_path / "lam" / "summary.json").read_text())
+    assert lam["final_params"] < 3 * 274 - 100  # no target: the λ rule grows by what the estimates allow

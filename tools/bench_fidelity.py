@@ -9,7 +9,10 @@ that really help (exact ΔL < 0), for the per-sample and the whole-batch estimat
 Exits non-zero unless, for the default estimate, the median Spearman ≥ 0.85, no group is below
 0.6, and the share is ≥ 0.8.
 
-    python tools/bench_fidelity.py [--epochs 6] [--batches 8] [--seed 0]
+θ starts where the ``gn`` grower starts it (``--init s2d``: splitting steepest descent's
+directions; ``--init random``: a random direction).
+
+    python tools/bench_fidelity.py [--epochs 6] [--batches 8] [--seed 0] [--init s2d|random]
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 import morphir
 from _bench import verdict  # tools/ is the script's directory
 from morphir.data import digits_loaders
+from morphir.passes.gn import INITS, split_init
 from morphir.scoring import spearman
 from morphir.train import evaluate, fit
 
@@ -41,8 +45,10 @@ def measure(model_name: str, args: argparse.Namespace, per_sample: bool, trained
         batches = [b for _, b in zip(range(args.batches), train)]
         trained[model_name] = (morphir.trace(model, torch.zeros(1, 1, 8, 8)), batches, acc)
     graph, batches, acc = trained[model_name]
-    cfg = morphir.ScoreConfig(per_sample=per_sample, seed=args.seed, epochs=args.score_epochs)
-    cands = morphir.score(graph, batches, F.cross_entropy, morphisms=("split",), config=cfg)
+    cfg = morphir.ScoreConfig(per_sample=per_sample, seed=args.seed, epochs=args.score_epochs, curvature=args.curvature)
+    # θ starts where the gn grower starts it (init="s2d": splitting steepest descent's directions)
+    init = split_init(graph, batches, F.cross_entropy, trust=cfg.trust) if args.init == "s2d" else None
+    cands = morphir.score(graph, batches, F.cross_entropy, morphisms=("split",), config=cfg, init=init)
     groups = list(dict.fromkeys(c.site.anchor for c in cands))
     chosen = list(dict.fromkeys([groups[0], groups[len(groups) // 2], groups[-1]]))
     rows = []
@@ -63,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=8, help="batches of 64 used to score and to measure")
     parser.add_argument("--score-epochs", type=int, default=3, help="passes over those batches while learning θ")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", default="s2d", choices=INITS, help="where θ starts (default: the gn grower's)")
+    parser.add_argument("--curvature", default=morphir.ScoreConfig().curvature, choices=morphir.scoring.CURVATURES,
+                        help="the estimate's second-order term (default: the scoring pass's)")
     args = parser.parse_args(argv)
     start = time.time()
     trained: dict = {}

@@ -29,7 +29,7 @@ The exit status is 0 when every bound holds, 1 otherwise.
 
     python tools/bench_growth.py --jobs 2                    # 5 seeds, 5 phases x 8 epochs
     python tools/bench_growth.py --quick                     # a smoke run in a few minutes
-    python tools/bench_growth.py --grow target_factor=4 --grow target_phase=1
+    python tools/bench_growth.py --grow target_factor=none       # the λ rule instead of the default target
 """
 
 from __future__ import annotations
@@ -152,9 +152,6 @@ def one(unit: tuple[str, int], phases: int, phase_epochs: int, grow_options: dic
     spec = seed_spec(task)
     epochs = phases * phase_epochs
     options = dict(grow_options)
-    factor = options.pop("target_factor", None)
-    if factor is not None:
-        options["target_params"] = round(factor * params_of(spec, shape, outputs))
 
     def train(model_spec: str, n_epochs: int) -> Result:
         res = morphir.grow(build(model_spec, shape, outputs, seed), data.train, data.val, data.loss, progress=False,
@@ -203,6 +200,8 @@ def _grow_option(text: str) -> tuple[str, object]:
     key, _, value = text.partition("=")
     if not key or not value:
         raise argparse.ArgumentTypeError(f"{text!r}: write a growth option as NAME=VALUE, e.g. target_phase=1")
+    if value.lower() == "none":
+        return key, None
     for kind in (int, float):
         try:
             return key, kind(value)
@@ -218,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phase-epochs", type=int, default=8)
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
     parser.add_argument("--grow", type=_grow_option, action="append", default=[],
-                        help="a growth option for the grown arm, NAME=VALUE (GrowConfig fields, or target_factor: "
-                             "grow to that many times the seed's parameters); repeatable")
+                        help="a growth option for the grown arm, NAME=VALUE (GrowConfig fields; none for None, "
+                             "e.g. target_factor=none for the λ rule); repeatable")
     parser.add_argument("--jobs", type=int, default=1, help="units (task, seed) at once, one thread each")
     parser.add_argument("--quick", action="store_true", help="2 seeds, 2 phases of 1 epoch: a smoke run")
     args = parser.parse_args(argv)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -41,11 +42,13 @@ from torch.func import functional_call, vmap
 
 import morphir
 from morphir.data import digits_loaders
+from morphir.passes.gn import INITS, split_init
 from morphir.passes.s2d import DEFAULT_GRID, split_line_search, splitting_matrices
 from morphir.passes.split import Split
 from morphir.train import fit
 
-__all__ = ["Row", "measure", "direct_thetas", "plot", "table", "summary", "main"]
+__all__ = ["Cell", "Row", "direct_thetas", "layers_of", "main", "measure", "measure_all", "plot", "summary", "table",
+           "verdict"]
 
 METHODS = ("gn", "s2d", "direct")
 
@@ -203,28 +206,55 @@ def _with_theta(c: morphir.Candidate, theta: torch.Tensor) -> morphir.Candidate:
     return morphir.Candidate(c.morphism, c.site, c.delta_params, c.delta_flops, theta=theta)
 
 
-def measure(args: argparse.Namespace) -> tuple[str, list[Row]]:
-    """Train the seed, choose θ three ways for the channels of one group, measure each exactly.
+@dataclass
+class Cell:
+    """One layer of one net: its channels' rows."""
 
-    >>> group, rows = measure(parse_args(["--quick"]))
-    """
+    model: str
+    group: str
+    rows: list[Row]
+
+
+def _prepare(args: argparse.Namespace, model_name: str) -> tuple[morphir.MorphGraph, list, list]:
     torch.manual_seed(args.seed)
     train, val = digits_loaders(seed=args.seed, batch_size=64)
-    model = morphir.zoo.build("vgg19", (1, 8, 8), 10)
+    model = morphir.zoo.build(model_name, (1, 8, 8), 10)
     if args.epochs:
         fit(model, train, F.cross_entropy, epochs=args.epochs)
     graph = morphir.trace(model.eval(), torch.zeros(1, 1, 8, 8))
     batches = [b for _, b in zip(range(args.batches), train)]
     morphir.recalibrate_batch_norm(graph.module, batches)  # as the growth loop does before a step
-    held = list(val)
-    config = morphir.ScoreConfig(seed=args.seed, epochs=args.score_epochs)
+    return graph, batches, list(val)
+
+
+def layers_of(graph: morphir.MorphGraph, count: int) -> list[str]:
+    """``count`` split groups spread over the depth: at 1/(count+1), 2/(count+1), ... of the
+    growable nonlinear groups (one layer: the middle one).
+
+    >>> layers_of(g, 2)
+    ['features.8.0', 'features.17.0']
+    """
+    groups = [grp.name for grp in graph.groups if grp.growable and grp.nonlinear]
+    picks = [groups[min(len(groups) - 1, (k + 1) * len(groups) // (count + 1))] for k in range(count)]
+    return list(dict.fromkeys(picks))
+
+
+def measure(args: argparse.Namespace, model_name: str = "vgg19", group: str | None = None) -> tuple[str, list[Row]]:
+    """Train the seed, choose θ three ways for the channels of one group, measure each exactly.
+
+    >>> group, rows = measure(parse_args(["--quick"]), "vgg19", "features.11.0")
+    """
+    graph, batches, held = _prepare(args, model_name)
+    config = morphir.ScoreConfig(seed=args.seed, epochs=args.score_epochs, curvature=args.curvature)
     # plain copies, whose rows _copy_rows finds by their θ; fresh norms would only rescale the copies
     # behind their batch norm, the same function
-    scored = morphir.score(graph, batches, F.cross_entropy, morphisms=(Split(fresh_norm=None),), config=config)
+    init = split_init(graph, batches, F.cross_entropy, trust=config.trust) if args.init == "s2d" else None
+    scored = morphir.score(graph, batches, F.cross_entropy, morphisms=(Split(fresh_norm=None),), config=config,
+                           init=init)
     groups = list(dict.fromkeys(c.site.anchor for c in scored))
-    group = args.group or groups[len(groups) // 2]
+    group = group or layers_of(graph, 1)[0]
     if group not in groups:
-        raise morphir.MorphirError(f"no split candidates in group {group!r}; groups: {', '.join(groups)}")
+        raise morphir.MorphirError(f"no split candidates in group {group!r} of {model_name}; groups: {', '.join(groups)}")
     cands = [c for c in scored if c.site.anchor == group][: args.channels or None]
 
     sm = splitting_matrices(graph, batches, F.cross_entropy, groups=[group])[group]
@@ -247,6 +277,23 @@ def measure(args: argparse.Namespace) -> tuple[str, list[Row]]:
                         {m: -exact[m][j] for m in METHODS},
                         {m: float(thetas[m][c].norm()) / max(w, 1e-12) for m in METHODS}))
     return group, rows
+
+
+def measure_all(args: argparse.Namespace) -> list[Cell]:
+    """Every (net, layer) cell of the run: ``--models``, ``--layers`` each (or ``--group``).
+
+    >>> cells = measure_all(parse_args(["--quick"]))
+    """
+    cells = []
+    for model_name in args.models:
+        if args.group:
+            groups = [args.group]
+        else:
+            graph, _, _ = _prepare(argparse.Namespace(**{**vars(args), "epochs": 0}), model_name)
+            groups = layers_of(graph, args.layers)
+        for group in groups:
+            cells.append(Cell(model_name, *measure(args, model_name, group)))
+    return cells
 
 
 def table(rows: Sequence[Row]) -> list[str]:
@@ -275,79 +322,116 @@ def summary(rows: Sequence[Row]) -> dict[str, float]:
     return out
 
 
-def plot(rows: Sequence[Row], group: str, out: str | Path) -> Any:
-    """Grouped bars: per channel, the true decrease of each method; saved to ``out``; returns the figure.
+def plot(cells: Sequence[Cell], out: str | Path) -> Any:
+    """Grouped bars, one panel per (net, layer): per channel, the true decrease of each method;
+    saved to ``out``; returns the figure.
 
-    >>> fig = plot(rows, "features.11.0", "morphism_quality.png")
+    >>> fig = plot(cells, "morphism_quality.png")
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(rows) + 2), 3.6))
+    widest = max(len(c.rows) for c in cells)
+    fig, axes = plt.subplots(len(cells), 1, figsize=(max(6.0, 0.45 * widest + 2), 3.0 * len(cells)), squeeze=False)
     width = 0.8 / len(METHODS)
-    for k, m in enumerate(METHODS):
-        xs = [j + (k - (len(METHODS) - 1) / 2) * width for j in range(len(rows))]
-        ax.bar(xs, [r.decrease[m] for r in rows], width, label=m)
-    ax.axhline(0.0, color="black", linewidth=0.6)
-    ax.set_xticks(range(len(rows)), [str(r.channel) for r in rows])
-    ax.set_xlabel(f"channel of {group}")
-    ax.set_ylabel("true loss decrease −ΔL (held out)")
-    ax.set_title("θ of each split: gn, s2d, direct optimisation")
-    ax.legend()
+    for ax, cell in zip(axes[:, 0], cells):
+        for k, m in enumerate(METHODS):
+            xs = [j + (k - (len(METHODS) - 1) / 2) * width for j in range(len(cell.rows))]
+            ax.bar(xs, [r.decrease[m] for r in cell.rows], width, label=m)
+        ax.axhline(0.0, color="black", linewidth=0.6)
+        ax.set_xticks(range(len(cell.rows)), [str(r.channel) for r in cell.rows])
+        ax.set_xlabel(f"channel of {cell.group} ({cell.model})")
+        ax.set_ylabel("true −ΔL (held out)")
+        ax.legend()
+    axes[0, 0].set_title("θ of each split: gn, s2d, direct optimisation")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return fig
 
 
+def verdict(cells: Sequence[Cell]) -> tuple[dict[str, float], list[str]]:
+    """The median over cells of each method's mean true decrease, and the bounds it misses: gn at
+    least s2d's, and at least half of direct optimisation's.
+
+    >>> medians, misses = verdict(cells)
+    """
+    medians = {m: statistics.median(summary(c.rows)[m] for c in cells) for m in METHODS}
+    misses = []
+    if medians["gn"] < medians["s2d"]:
+        misses.append(f"gn's median decrease {medians['gn']:.5f} is below s2d's {medians['s2d']:.5f}")
+    if medians["gn"] < 0.5 * medians["direct"]:
+        misses.append(f"gn's median decrease {medians['gn']:.5f} is below half of direct's {medians['direct']:.5f}")
+    return medians, misses
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The command line (``--quick``: 1 epoch, 4 channels, 4 batches, 60 Adam steps).
+    """The command line (``--quick``: vgg19 only, 1 epoch, one layer, 4 channels, 4 batches, 60 Adam steps).
 
     >>> parse_args(["--quick"]).channels
     4
     """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--group", default=None, help="the group whose channels are split (default: the middle one)")
+    parser.add_argument("--models", default="vgg19,resnet20", help="comma-separated zoo nets (default: a plain and a residual one)")
+    parser.add_argument("--layers", type=int, default=2, help="layers per net, spread over its depth")
+    parser.add_argument("--group", default=None, help="measure only this group (of every net that has it)")
     parser.add_argument("--epochs", type=int, default=3, help="training epochs of the seed before measuring")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batches", type=int, default=8, help="training batches of 64 that θ is chosen on")
     parser.add_argument("--steps", type=int, default=300, help="Adam steps of the direct optimisation")
     parser.add_argument("--score-epochs", type=int, default=morphir.ScoreConfig().epochs,
                         help="passes over the batches while gn learns θ (default: the growth loop's)")
-    parser.add_argument("--channels", type=int, default=0, help="only the first N channels (0: all)")
+    parser.add_argument("--curvature", default=morphir.ScoreConfig().curvature, choices=morphir.scoring.CURVATURES,
+                        help="gn's second-order term (default: the scoring pass's)")
+    parser.add_argument("--init", default="s2d", choices=INITS,
+                        help="where gn's θ starts (default: the gn grower's, s2d's direction)")
+    parser.add_argument("--channels", type=int, default=16, help="only the first N channels of each layer (0: all)")
     parser.add_argument("--out", default="morphism_quality.png", help="the bar chart (PNG)")
-    parser.add_argument("--quick", action="store_true", help="a small run (1 epoch, 4 channels, 4 batches, 60 steps)")
+    parser.add_argument("--quick", action="store_true", help="a small run (vgg19, one layer, 1 epoch, 4 channels, "
+                                                             "4 batches, 60 steps)")
     args = parser.parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
     if args.quick:
+        args.models, args.layers = args.models[:1], 1
         args.epochs, args.channels, args.batches, args.steps = 1, 4, 4, 60
+    if not args.models or args.layers < 1:
+        parser.error("--models needs at least one net and --layers at least 1")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the comparison, print the table and the summary, write the chart; 0 unless it fails.
+    """Run the comparison, print the tables, the summaries and the verdict, write the chart; 0 when
+    gn meets both bounds (see :func:`verdict`), 1 otherwise.
 
     >>> main(["--quick", "--out", "/tmp/quality.png"])
-    0
     """
     args = parse_args(argv)
     start = time.time()
     try:
-        group, rows = measure(args)
+        cells = measure_all(args)
     except morphir.MorphirError as exc:
         print(f"error: {exc}")
-        return 1
-    print(f"vgg19 on digits, {args.epochs} epochs, group {group}: θ chosen on {args.batches} training batches, "
-          "true −ΔL on the validation split")
-    print("\n".join(table(rows)))
-    s = summary(rows)
-    plot(rows, group, args.out)
-    print(f"mean true decrease: gn {s['gn']:.5f}, s2d {s['s2d']:.5f}, direct {s['direct']:.5f}; "
-          f"share of the direct optimum reached: gn {s['gn_share']:.0%}, s2d {s['s2d_share']:.0%}"
-          + ("" if all(math.isfinite(s[k]) for k in ("gn_share", "s2d_share")) else " (direct found no decrease)"))
+        return 2
+    print(f"digits, {args.epochs} epochs of training, θ chosen on {args.batches} training batches "
+          f"(gn: {args.curvature} curvature, {args.init} start), true −ΔL on the validation split")
+    for cell in cells:
+        print(f"\n{cell.model} {cell.group}")
+        print("\n".join(table(cell.rows)))
+        s = summary(cell.rows)
+        print(f"mean true decrease: gn {s['gn']:.5f}, s2d {s['s2d']:.5f}, direct {s['direct']:.5f}; "
+              f"share of the direct optimum reached: gn {s['gn_share']:.0%}, s2d {s['s2d_share']:.0%}"
+              + ("" if all(math.isfinite(s[k]) for k in ("gn_share", "s2d_share")) else " (direct found no decrease)"))
+    plot(cells, args.out)
+    medians, misses = verdict(cells)
+    print(f"\nmedian over {len(cells)} layers of the mean true decrease: "
+          + ", ".join(f"{m} {v:.5f}" for m, v in medians.items()))
+    for line in misses:
+        print(f"MISS {line}")
+    print("gn at least s2d and at least half of direct: " + ("ok" if not misses else "missed"))
     print(f"wrote {args.out} ({time.time() - start:.0f} s)")
-    return 0
+    return 1 if misses else 0
 
 
 if __name__ == "__main__":
