@@ -96,8 +96,9 @@ def test_grower_runs_end_to_end_and_resumes(method: str, tmp_path: Path) -> None
 
 def test_plateau_growth_grows_when_the_training_loss_stops_improving() -> None:
     train, val = loaders()
+    # the λ rule (no target), so every plateau's step grows by what the estimates allow
     res = morphir.grow(small_net(), train, val, F.cross_entropy, progress=False, when="plateau", patience=2,
-                       plateau_delta=0.9, phases=3, phase_epochs=6, score_batches=2)
+                       plateau_delta=0.9, phases=3, phase_epochs=6, score_batches=2, target_factor=None)
     assert sum(len(m["epoch_losses"]) for m in res.metrics) == 18  # phases × phase_epochs in all
     for m in res.metrics[:-1]:  # every phase but the last ended on a plateau, and not before
         losses, best, since, ended = m["epoch_losses"], math.inf, 0, []
