@@ -83,8 +83,7 @@ def _target_factor(text: str) -> float | None:
     """``--target-factor``: a number above 1, or ``none``."""
     if text.strip().lower() == "none":
         return None
-    value = _number(float, low=1, strict=True)(text)
-    return value
+    return _number(float, low=1, strict=True)(text)
 
 
 def _default_factor() -> str:

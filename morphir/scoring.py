@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.func import hessian, vmap
 
 from morphir.channels import ChannelGroup
 from morphir.engine import apply, default_registry
@@ -282,8 +283,6 @@ def curvature_factors(loss_fn: LossFn, output: torch.Tensor, target: Any) -> tor
         return loss_fn(o.reshape(1, *output.shape[1:]), t.unsqueeze(0) if isinstance(t, torch.Tensor) else t)
 
     try:
-        from torch.func import hessian, vmap
-
         h = vmap(hessian(sample_loss))(flat, target)
     except Exception:  # noqa: BLE001 - a loss vmap cannot trace: one sample at a time
         try:
@@ -460,13 +459,18 @@ def gn_estimate(s: torch.Tensor, losses: torch.Tensor, *, per_sample: bool,
     >>> gn_estimate(s, ctx.losses, per_sample=True)
     """
     if s.dim() == 3:
-        return (s[..., 0] + 0.5 * s[..., 1:].pow(2).sum(-1)).mean(dim=1)
+        return _gauss_newton_per_sample(s).mean(dim=1)
     if per_sample:
         if inv4l is None:
             inv4l = 1.0 / (4 * losses.clamp_min(_MIN_LOSS))
         return (s + s * s * inv4l).mean(dim=1)
     mean = s.mean(dim=1)
     return mean + mean.pow(2) / (4 * losses.mean().clamp_min(_MIN_LOSS))
+
+
+def _gauss_newton_per_sample(s: torch.Tensor) -> torch.Tensor:
+    """sₙ,₀ + ½ Σₖ sₙ,ₖ² per site and sample, from s of shape (sites, N, 1 + K)."""
+    return s[..., 0] + 0.5 * s[..., 1:].pow(2).sum(-1)
 
 
 # -- the scoring pass -------------------------------------------------------------------------------
@@ -592,7 +596,7 @@ class Scorer:
             for i, (m, group, theta, _) in enumerate(self.plans):
                 s = m.local_change(ctx, [c.site for c in group], theta.detach())
                 if s.dim() == 3:  # Gauss-Newton curvature: every sample's estimate
-                    e = (s[..., 0] + 0.5 * s[..., 1:].pow(2).sum(-1)).double()
+                    e = _gauss_newton_per_sample(s).double()
                     if not self.cfg.per_sample:
                         e = e.mean(dim=1, keepdim=True)
                 elif self.cfg.per_sample:  # every sample's estimate: the mean and its standard error

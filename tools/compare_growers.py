@@ -32,18 +32,15 @@ from pathlib import Path
 
 import torch
 
+import bench_growth  # tools/ is the script's directory
 import morphir
 from morphir.data import load_data
 from morphir.load import resolve_model
 from morphir.passes import builtin_growers
 
 
-TASKS = ("teacher", "clusters", "digits_augmented", "digits")
-SEEDS = {"digits": "zoo:vgg19"}  # the others: the task's own seed (morphir.tasks)
-
-
-def seed_spec(task: str) -> str:
-    return SEEDS.get(task) or morphir.tasks.build_task(task).seed_model
+TASKS = bench_growth.TASKS
+seed_spec = bench_growth.seed_spec  # each task's seed net, as the growth bench grows it
 
 
 def seed_net(task: str, seed: int, data: morphir.Data) -> torch.nn.Module:
