@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "exceeds λ·ΔR (default 0: the paper's rule; 2 grows about a third fewer parameters on "
                         "digits at the same accuracy)")
     p.add_argument("--lr", type=_number(float, low=0, strict=True, high=1e3), default=0.05, help="SGD learning rate at the start of the cosine schedule")
+    p.add_argument("--schedule", choices=["restart", "cosine"], default="restart",
+                   help="restart (default): the cosine starts again from --lr after every growth step that changed "
+                        "the network; cosine: one cosine over the whole run")
     p.add_argument("--batch-size", type=_COUNT, default=64)
     p.add_argument("--num-classes", type=_CLASSES, default=None, help="classes of a zoo model (default: from the labels)")
     p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda (cuda:N)")
@@ -499,7 +502,7 @@ def _grow(args: argparse.Namespace) -> int:
     from morphir.report import write_report
 
     options = {"phases": args.phases, "phase_epochs": args.phase_epochs, "resource": args.resource,
-               "lr": args.lr, "seed": args.seed,
+               "lr": args.lr, "schedule": args.schedule, "seed": args.seed,
                "theta": args.theta, "method": args.method, "when": args.when, "patience": args.patience,
                "budget_flops": args.budget_flops, "target_params": args.target_params,
                "target_flops": args.target_flops, "target_phase": args.target_phase}

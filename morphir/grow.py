@@ -83,7 +83,13 @@ class GrowConfig:
     ``phase_epochs``: epochs per phase; ``final_epochs``: epochs of the last phase, which trains the
     final architecture (None: ``phase_epochs``). ``top_fraction``: at most this share (rounded up) of a
     group's positive morphisms applied per phase. ``lr``, ``momentum``, ``weight_decay``,
-    ``nesterov``: SGD; the learning rate follows a cosine from ``lr`` over all epochs.
+    ``nesterov``: SGD; the learning rate follows a cosine from ``lr``. ``schedule``: ``"restart"``
+    (the default) starts the cosine again from ``lr`` after every growth step that changed the
+    network, over the epochs (or the share of ``budget_flops``) left; ``"cosine"`` is one cosine
+    over the whole run. A split's copies start next to each other, in the basin the seed trained
+    into, and a learning rate already decayed cannot take them apart: measured (docs/tasks.md),
+    the restart lowers the grown net's val loss by 0.017 on ``teacher`` and 0.12 on
+    ``digits_augmented`` and leaves ``clusters`` level.
     ``score_batches``: training batches the scoring pass learns θ on (None: a whole epoch);
     ``score``: the scoring pass's own knobs. ``theta``: ``"learned"`` (the method) or ``"random"``
     (θ stays at its random start: Net2Net-style noise, the ablation). ``recalibrate``: before
@@ -125,6 +131,7 @@ class GrowConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     nesterov: bool = True
+    schedule: Literal["restart", "cosine"] = "restart"
     score_batches: int | None = 8
     score: ScoreConfig = field(default_factory=ScoreConfig)
     theta: Literal["learned", "random"] = "learned"
@@ -158,6 +165,8 @@ class GrowConfig:
             raise MorphirError(f"when must be 'phases' or 'plateau', got {self.when!r}")
         if self.resource not in ("params", "flops"):
             raise MorphirError(f"resource must be 'params' or 'flops', got {self.resource!r}")
+        if self.schedule not in ("restart", "cosine"):
+            raise MorphirError(f"schedule must be 'restart' or 'cosine', got {self.schedule!r}")
         if self.theta not in ("learned", "random"):
             raise MorphirError(f"theta must be 'learned' or 'random', got {self.theta!r}")
         integer("phases", 1, self.phases)
@@ -727,7 +736,7 @@ def _progress(enabled: bool | None) -> bool:
 
 # settings added after checkpoints were first written, with the value that reproduces the code before
 _BEFORE_SETTING = {"target_params": None, "target_flops": None, "target_phase": None, "target_factor": None,
-                   "count_growth_flops": False}
+                   "count_growth_flops": False, "schedule": "cosine"}
 _BEFORE_GROWER_SETTING = {"init": "random"}  # the gn grower's, before its θ started at s2d's directions
 
 
@@ -888,10 +897,23 @@ def phase_summary(m: Mapping[str, Any]) -> str:
             f"{m['params']:,} params, {m['flops']:,} FLOPs; grew: {applied} ({m['seconds']:.1f} s)")
 
 
+def _restart_point(state: _State, cfg: GrowConfig) -> tuple[int, float]:
+    """Epochs and FLOPs spent when the cosine last started: at the last growth step that changed the
+    network with ``schedule="restart"`` (read from the metrics, so a resumed run finds it too), else 0."""
+    if cfg.schedule == "restart":
+        for m in reversed(state.metrics):
+            if m.get("applied"):
+                return int(m["epochs"]), float(m["train_flops"])
+    return 0, 0.0
+
+
 def _lr_now(state: _State, cfg: GrowConfig) -> float:
+    epoch0, flops0 = _restart_point(state, cfg)
     if cfg.budget_flops is not None:  # the cosine in the share of the compute budget spent
-        return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(state.flops / cfg.budget_flops, 1.0)))
-    return _lr_at(cfg, state.epoch, cfg.epochs)
+        left = cfg.budget_flops - flops0
+        share = (state.flops - flops0) / left if left > 0 else 1.0
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(max(share, 0.0), 1.0)))
+    return _lr_at(cfg, state.epoch - epoch0, cfg.epochs - epoch0)
 
 
 def _run_phase(state: _State, cfg: GrowConfig, train: Iterable[tuple[Any, Any]], val: Iterable[tuple[Any, Any]],

@@ -1,6 +1,7 @@
 """The growth loop: selection, phases, optimizer carry-over, checkpoints, resume, faults, CLI outputs."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -61,6 +62,26 @@ def test_select_applies_the_criterion_top_fraction_one_morphism_per_channel_and_
 
 
 # -- the loop ------------------------------------------------------------------------------------------
+def test_the_learning_rate_restarts_after_a_growth_step_that_changed_the_network() -> None:
+    train, val = loaders()
+    opts = dict(phases=3, phase_epochs=2, score_batches=2, lr=0.04)
+    res = morphir.grow(small_net(), train, val, F.cross_entropy, progress=False, **opts)
+    # the target is reached at the first step, so the second changes nothing and the cosine started
+    # after the first (over the 4 epochs left) goes on
+    assert [bool(m["applied"]) for m in res.metrics] == [True, False, False]
+    assert [m["lr"] for m in res.metrics] == pytest.approx([0.04, 0.04, 0.02])
+    once = morphir.grow(small_net(), train, val, F.cross_entropy, progress=False, schedule="cosine", **opts)
+    assert [m["lr"] for m in once.metrics] == pytest.approx([0.04 * 0.5 * (1 + math.cos(math.pi * e / 6))
+                                                             for e in (0, 2, 4)])
+    assert res.metrics[0]["val_loss"] == once.metrics[0]["val_loss"]  # the same run until the first growth
+    # under a FLOPs budget the cosine restarts in the share of the budget left
+    budget = 3 * res.metrics[-1]["train_flops"]
+    spent = morphir.grow(small_net(), train, val, F.cross_entropy, progress=False, budget_flops=budget, **opts)
+    assert spent.metrics[1]["lr"] == pytest.approx(0.04)
+    with pytest.raises(morphir.MorphirError, match="schedule must be"):
+        morphir.GrowConfig(schedule="step")
+
+
 def test_grow_runs_phases_grows_and_records_metrics() -> None:
     train, val = loaders()
     res = morphir.grow(small_net(), train, val, F.cross_entropy, progress=False, **FAST)
@@ -74,9 +95,10 @@ def test_grow_runs_phases_grows_and_records_metrics() -> None:
     assert res.metrics[1]["widths"] != res.metrics[0]["widths"]
     assert res.metrics[-1]["params"] == res.graph.num_params() == res.summary()["final_params"]
     assert res.summary()["seed_params"] == sum(p.numel() for p in small_net().parameters())
-    # the learning rate follows one cosine over all epochs, across rewrites
-    assert res.metrics[0]["lr"] == pytest.approx(0.05 * 0.5 * (1 + np.cos(np.pi * 0 / 3)))
-    assert res.metrics[2]["lr"] == pytest.approx(0.05 * 0.5 * (1 + np.cos(np.pi * 2 / 3)))
+    # the learning rate follows a cosine over the epochs left since the last step that grew, across rewrites
+    e0 = max([m["epochs"] for m in res.metrics[:2] if m["applied"]], default=0)
+    assert res.metrics[0]["lr"] == pytest.approx(0.05)
+    assert res.metrics[2]["lr"] == pytest.approx(0.05 * 0.5 * (1 + np.cos(np.pi * (2 - e0) / (3 - e0))))
     # the grown network is a working model with the width changes the metrics report
     widths = res.metrics[-1]["widths"]
     assert res.graph.group("0").width == widths["0"]
@@ -259,7 +281,7 @@ def test_cli_bad_data_fails_before_training(tmp_path: Path, capsys) -> None:
 
 
 def test_cli_resumes_a_run_killed_with_sigkill(tmp_path: Path, npz: Path) -> None:
-    args = ["zoo:vgg19", "--data", str(npz), "--phases", "3", "--phase-epochs", "1", "--batch-size", "32",
+    args = ["zoo:vgg19:4", "--data", str(npz), "--phases", "3", "--phase-epochs", "1", "--batch-size", "32",
             "--lam", "0", "--seed", "3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "morphir.cli", "grow", *args]

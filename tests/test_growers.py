@@ -130,10 +130,14 @@ def test_a_flops_budget_stops_the_run_and_drives_the_schedule() -> None:
     training = sum(3 * m["flops"] * 320 * len(e) for m, e in zip(res.metrics, epochs))
     assert spent == pytest.approx(training + sum(growth))
     assert res.metrics[-1]["epochs"] < 3 * 2 + 10 and len(res.metrics) == 3
-    # the learning rate follows the cosine in the share of the budget spent
-    second = res.metrics[1]
-    share = res.metrics[0]["train_flops"] / budget
-    assert second["lr"] == pytest.approx(0.5 * 0.05 * (1 + math.cos(math.pi * share)))
+    # the learning rate follows the cosine in the share of the budget spent since the last growth
+    first, second, third = res.metrics
+    assert first["applied"] and second["applied"]
+    assert second["lr"] == pytest.approx(0.05)  # restarted after the first step
+    assert third["lr"] == pytest.approx(0.05) if second["applied"] else third["lr"] < 0.05
+    once = morphir.grow(small_net(), train, val, F.cross_entropy, progress=False, method="net2net", phases=3,
+                        phase_epochs=2, budget_flops=budget, schedule="cosine").metrics  # one cosine in the budget
+    assert once[1]["lr"] == pytest.approx(0.5 * 0.05 * (1 + math.cos(math.pi * once[0]["train_flops"] / budget)))
     with pytest.raises(morphir.MorphirError, match="budget_flops must be a finite number > 0"):
         morphir.GrowConfig(budget_flops=0)
 

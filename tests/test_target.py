@@ -59,9 +59,10 @@ def test_growth_reaches_the_target_size_by_the_target_phase(tmp_path) -> None:
     assert sizes[0] == 1_332 and 1_332 < sizes[1] < 8_340  # half the way after phase 1
     assert abs(sizes[2] - 8_340) <= 200 and sizes[3] == sizes[2]  # there after phase 2, then held
     assert res.metrics[0]["budget"] > 0 and res.metrics[0]["rounds"] >= 2
-    # after the target phase nothing more is added: the target is reached, or what is left of it
-    # (a few parameters) is less than any one morphism adds
-    assert res.metrics[2].get("target_reached") or (res.metrics[2]["budget"] < 33 and not res.metrics[2]["applied"])
+    # after the target phase nothing more is added: the target is reached, or what is left of it is
+    # at most one morphism's worth (a hidden unit of the first layer adds 59 parameters, of the
+    # second 39) and no morphism that fits is estimated to help
+    assert res.metrics[2].get("target_reached") or (res.metrics[2]["budget"] <= 59 and not res.metrics[2]["applied"])
     # the rounds of a step (several rewrites) replay: resuming that crash ends as the run did
     snap = tmp_path / "b"
     snap.mkdir()
