@@ -134,7 +134,7 @@ def test_a_flops_budget_stops_the_run_and_drives_the_schedule() -> None:
     first, second, third = res.metrics
     assert first["applied"] and second["applied"]
     assert second["lr"] == pytest.approx(0.05)  # restarted after the first step
-    assert third["lr"] == pytest.approx(0.05) if second["applied"] else third["lr"] < 0.05
+    assert third["lr"] == pytest.approx(0.05)  # and after the second
     once = morphir.grow(small_net(), train, val, F.cross_entropy, progress=False, method="net2net", phases=3,
                         phase_epochs=2, budget_flops=budget, schedule="cosine").metrics  # one cosine in the budget
     assert once[1]["lr"] == pytest.approx(0.5 * 0.05 * (1 + math.cos(math.pi * once[0]["train_flops"] / budget)))

@@ -6,9 +6,6 @@ same data, initialisation and shuffles), with the same optimizer and schedule:
 
   seed          the task's seed net trained without growing
   4x wide       the seed at 4 times its width (the new tasks only: on digits it costs 16x)
-
-On ``digits`` (continuity with earlier tables, no bounds) only seed, grown and fixed run: the
-35k-parameter seed grows to 140k, and the other arms would put the default run over 40 minutes.
   grown         morphir.grow from the seed (``--grow`` options; by default morphir's defaults)
   fixed         a fixed net of the seed's shape with about the grown net's parameters, same epochs
   fixed-flops   that fixed net trained for the epochs that cost what the grown run cost, growth
@@ -16,6 +13,9 @@ On ``digits`` (continuity with earlier tables, no bounds) only seed, grown and f
   random-theta  the grown run's steps again: the same morphisms at the same sites, each θ a random
                 direction at the norm of the grown run's θ (growth equal in amount and place)
   retrained     the grown architecture trained from scratch (``morphir.retrain``)
+
+On ``digits`` (continuity with earlier tables, no bounds) only seed, grown and fixed run: the
+35k-parameter seed grows to 140k, and the other arms would put the default run over 40 minutes.
 
 Prints, per task, val loss (and accuracy) mean ± std, parameters, training FLOPs, growth-step
 seconds and the mean loss drop per growth step, then the paired differences with their standard
