@@ -154,7 +154,7 @@ def load_data(spec: str, *, seed: int = 0, batch_size: int = 64, val_fraction: f
         return Data(_unseeded(train), val, "digits")
     if spec in TASKS:
         task = build_task(spec, seed=seed)
-        return Data(_loader(TensorDataset(task.x_train, task.y_train), batch_size),
+        return Data(_loader(TensorDataset(task.x_train, task.y_train), batch_size, task.train_transform),
                     DataLoader(TensorDataset(task.x_val, task.y_val), batch_size=batch_size), spec,
                     loss=task.loss, kind=task.kind, seed_widths=task.seed_widths or None)
     path = Path(spec)
@@ -222,12 +222,26 @@ def _from_function(spec: str) -> Data:
     return Data(train, val, spec)
 
 
-def _loader(dataset: Any, batch_size: int) -> DataLoader:
+def _loader(dataset: Any, batch_size: int,
+            transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> DataLoader:
     """A shuffling loader over ``dataset`` (drawing from torch's global generator, seeded per epoch by
     the caller) that never yields a batch of one sample, on which batch norm cannot train: when the
-    last batch would hold one, it is dropped (a different sample each epoch)."""
+    last batch would hold one, it is dropped (a different sample each epoch). ``transform``, if
+    given, is applied to each batch's inputs as it is drawn (from the same global generator)."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=True,
-                      drop_last=len(dataset) > 1 and len(dataset) % batch_size == 1)
+                      drop_last=len(dataset) > 1 and len(dataset) % batch_size == 1,
+                      collate_fn=None if transform is None else _Transformed(transform))
+
+
+class _Transformed:
+    """A collate function: the default collation, then ``transform`` on the batch's inputs."""
+
+    def __init__(self, transform: Callable[[torch.Tensor], torch.Tensor]):
+        self.transform = transform
+
+    def __call__(self, samples: list[Any]) -> Any:
+        x, y = torch.utils.data.default_collate(samples)
+        return self.transform(x), y
 
 
 def _unseeded(loader: DataLoader) -> DataLoader:

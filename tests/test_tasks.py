@@ -64,3 +64,23 @@ def test_cli_grows_the_mlp_seed_on_a_regression_task(tmp_path, capsys) -> None:
     assert summary["seed_params"] == 20 * 8 + 8 + 2 * 8 + 8 * 10 + 10  # the task's seed: 8 hidden units
     assert summary["val_accuracy"] is None and summary["val_loss"] < 1.2
     assert (out / "grown.onnx").is_file()
+
+
+def test_digits_augmented_draws_fresh_training_variants_each_epoch_and_keeps_validation_fixed() -> None:
+    task = build_task("digits_augmented", seed=0)
+    base, images = task.x_train.shape[0] // 4, task.x_train
+    assert torch.equal(images[:base], images[base:2 * base])  # the base images, each 4 times, untransformed
+    assert task.x_val.shape == (1436, 1, 8, 8) and torch.equal(task.x_val, build_task("digits_augmented").x_val)
+    data = morphir.load_data("digits_augmented", seed=0, batch_size=32)
+
+    def first_batch(epoch_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(epoch_seed)  # what morphir.grow does before every epoch
+        return next(iter(data.train))
+
+    (a, ya), (b, yb), (c, _) = first_batch(5), first_batch(5), first_batch(6)
+    assert torch.equal(a, b) and torch.equal(ya, yb)  # the same epoch seed: the same batch (resume-safe)
+    assert not torch.equal(a, c)
+    assert task.train_transform is morphir.tasks.augment and a.shape == (32, 1, 8, 8)
+    # a batch holds transformed images: none of them is one of the untransformed inputs
+    assert all(not any(torch.equal(x, img) for img in images[:base]) for x in a)
+    assert abs(float(a.mean() - images.mean())) < 0.15 and 0.2 < float((a - a.mean()).std()) < 1.0
