@@ -24,6 +24,8 @@ def test_quick_run_reports_every_arm_and_agrees_with_its_bounds(capsys):
     assert abs(rows["fixed"][1] - rows["grown"][1]) <= 33  # the closest mlp: 33 parameters a hidden unit
     assert len(re.findall(r"^(seed|fixed|random-theta|fixed-flops|retrained) - (grown|4x wide): [+-]\d+\.\d+ ± "
                           r"\d+\.\d+ val loss", out, re.M)) == 6
+    shares = dict(re.findall(r"^\| ([\w\- ]+?) \|.*\| (\d+ %|-) \|$", out, re.M))
+    assert set(shares) == set(bench_growth.ARMS) and shares["retrained"] == "-" and shares["seed"] == "0 %"
     checks = re.findall(r"^  (ok  |MISS) \(", out, re.M)
     assert len(checks) == 6
     assert rc == (1 if "MISS" in checks or "FAILED" in out else 0)
@@ -35,3 +37,14 @@ def test_widths_scale_and_sizes_match():
     assert bench_growth.scaled("zoo:vgg19", 0.25) == "zoo:vgg19:4"
     spec = bench_growth.sized("zoo:mlp:8", (20,), 10, 703)
     assert spec == "zoo:mlp:21"  # 21 hidden units: 703 parameters
+
+
+def test_duplicate_share_counts_split_copies_until_they_separate():
+    import morphir
+    import torch
+
+    graph = morphir.trace(bench_growth.build("zoo:mlp:8", (20,), 10, 0), torch.randn(2, 20))
+    assert bench_growth.duplicate_share(graph) == 0.0
+    split = morphir.candidates(graph, "split")[0]
+    grown = morphir.apply(graph, [split])  # θ = 0: the two copies point the same way
+    assert bench_growth.duplicate_share(grown) == 2 / 9

@@ -18,8 +18,9 @@ On ``digits`` (continuity with earlier tables, no bounds) only seed, grown and f
 35k-parameter seed grows to 140k, and the other arms would put the default run over 40 minutes.
 
 Prints, per task, val loss (and accuracy) mean ± std, parameters, training FLOPs, growth-step
-seconds and the mean loss drop per growth step, then the paired differences with their standard
-errors, and checks on every new task, with one-sided t at the seed count (95 %):
+seconds, the mean loss drop per growth step and the share of channels in near-duplicate pairs at
+the end (incoming weights at cosine ≥ 0.95: split copies that never separated), then the paired
+differences with their standard errors, and checks on every new task, with one-sided t at the seed count (95 %):
 
   (a) fit for purpose: 4x wide beats the seed by at least 5 standard errors
   (b) growth pays: grown beats the seed beyond t·SE
@@ -74,6 +75,7 @@ class Result:
     growth_s: float = 0.0
     drops: list[float] = field(default_factory=list)  # the loss drop at each growth step (-loss_jump)
     epochs: int = 0
+    duplicates: float | None = None  # the share of growable channels in near-duplicate pairs at the end
 
 
 def seed_spec(task: str) -> str:
@@ -142,10 +144,17 @@ def _drops(res: morphir.GrowResult) -> list[float]:
     return [-m["loss_jump"] for m in res.metrics if m.get("loss_jump") is not None and m.get("applied")]
 
 
+def duplicate_share(graph: morphir.MorphGraph) -> float:
+    """The share of the growable groups' channels that have a near-duplicate (morphir.redundant_channels)."""
+    width = sum(grp.width for grp in graph.groups if grp.growable)
+    return sum(morphir.redundant_channels(graph).values()) / width if width else 0.0
+
+
 def _result(res: morphir.GrowResult) -> Result:
     last = res.metrics[-1]
     return Result(last["val_loss"], last["val_accuracy"], res.graph.num_params(), last["train_flops"],
-                  sum(m.get("growth_seconds", 0.0) for m in res.metrics), _drops(res), last["epochs"])
+                  sum(m.get("growth_seconds", 0.0) for m in res.metrics), _drops(res), last["epochs"],
+                  duplicate_share(res.graph))
 
 
 def one(unit: tuple[str, int], phases: int, phase_epochs: int, grow_options: dict, threads: int) -> dict[str, Result]:
@@ -266,8 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         arms = results[task]
         t = t95(seeds[task] - 1)
         print(f"\n### {task} ({seeds[task]} seeds)\n")
-        print("| arm | val loss | val acc % | params | training FLOPs | growth s | loss drop per step |")
-        print("|---|---|---|---|---|---|---|")
+        print("| arm | val loss | val acc % | params | training FLOPs | growth s | loss drop per step | "
+              "near-duplicate channels |")
+        print("|---|---|---|---|---|---|---|---|")
         for arm in ARMS:
             if arm not in arms:
                 continue
@@ -279,9 +289,11 @@ def main(argv: list[str] | None = None) -> int:
             drops = [d for r in rs for d in r.drops]
             drop = f"{statistics.mean(drops):.4f}" if drops else "-"
             growth = f"{statistics.mean(r.growth_s for r in rs):.1f}" if arm in ("grown", "random-theta") else "-"
+            shares = [r.duplicates for r in rs if r.duplicates is not None]
+            dup = f"{100 * statistics.mean(shares):.0f} %" if shares else "-"
             print(f"| {arm} | {statistics.mean(losses):.4f} ± {sd:.4f} | {acc} | "
                   f"{statistics.mean(r.params for r in rs):,.0f} | {statistics.mean(r.flops for r in rs):.3g} | "
-                  f"{growth} | {drop} |")
+                  f"{growth} | {drop} | {dup} |")
         loss = {arm: [r.loss for r in rs] for arm, rs in arms.items()}
         print()
         for a, b in (("seed", "grown"), ("fixed", "grown"), ("random-theta", "grown"), ("fixed-flops", "grown"),
