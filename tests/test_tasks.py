@@ -84,3 +84,27 @@ def test_digits_augmented_draws_fresh_training_variants_each_epoch_and_keeps_val
     # a batch holds transformed images: none of them is one of the untransformed inputs
     assert all(not any(torch.equal(x, img) for img in images[:base]) for x in a)
     assert abs(float(a.mean() - images.mean())) < 0.15 and 0.2 < float((a - a.mean()).std()) < 1.0
+
+
+def test_a_resumed_digits_augmented_run_sees_the_same_variants_and_ends_identical(tmp_path) -> None:
+    data = morphir.load_data("digits_augmented", seed=1, batch_size=128)
+    settings = dict(progress=False, seed=1, phases=2, phase_epochs=1, score_batches=2)
+
+    def run(out, **kw):
+        torch.manual_seed(0)  # the same seed net every time
+        return morphir.grow(resolve_model("zoo:vgg19:4", input_shape=(1, 8, 8)), data.train, data.val, data.loss,
+                            run_dir=tmp_path / out, **settings, **kw)
+
+    def crash(record):
+        if record["phase"] == 1:
+            raise RuntimeError("simulated crash")
+
+    full = run("a")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run("b", on_phase=crash)
+    resumed = run("b", resume=True)
+    strip = lambda ms: [{k: v for k, v in m.items() if not k.endswith("seconds")} for m in ms]  # noqa: E731
+    assert strip(resumed.metrics) == strip(full.metrics) and len(full.metrics) == 2
+    sa, sb = full.graph.module.state_dict(), resumed.graph.module.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert full.graph.num_params() > 2374  # it grew from the width-4 seed
