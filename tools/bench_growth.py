@@ -20,7 +20,8 @@ On ``digits`` (continuity with earlier tables, no bounds) only seed, grown and f
 Prints, per task, val loss (and accuracy) mean ± std, parameters, training FLOPs, growth-step
 seconds, the mean loss drop per growth step and the share of channels in near-duplicate pairs at
 the end (incoming weights at cosine ≥ 0.95: split copies that never separated), then the paired
-differences with their standard errors, and checks on every new task, with one-sided t at the seed count (95 %):
+differences with their standard errors, and checks on every new task, with one-sided t at the
+task's seed count (95 %):
 
   (a) fit for purpose: 4x wide beats the seed by at least 5 standard errors
   (b) growth pays: grown beats the seed beyond t·SE
@@ -61,7 +62,7 @@ TASKS = (*NEW_TASKS, "digits")
 ARMS = ("seed", "4x wide", "grown", "fixed", "fixed-flops", "random-theta", "retrained")
 SEED_MODELS = {"digits": "zoo:vgg19"}  # the others: the task's own seed (morphir.tasks)
 # Seeds per task by cost, fixed before the run: a teacher unit (every arm) takes about 16 s on one
-# core, a clusters unit 35 s, a digits_augmented unit about ten minutes. The cheap tasks get the
+# core, a clusters unit 35 s, a digits_augmented unit about five minutes. The cheap tasks get the
 # seeds that make a small difference (learned against random θ, bound (d)) measurable.
 SEEDS = {"teacher": 20, "clusters": 10, "digits_augmented": 5, "digits": 5}
 
