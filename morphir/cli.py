@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("grow", help="grow a model while it trains (Gauss-Newton morphisms); writes a run directory")
     p.add_argument("model", help="zoo:NAME or a file written by torch.save(module)")
     p.add_argument("--method", default="gn", choices=list(builtin_growers()),
-                   help="growth method (default gn, the Gauss-Newton method; see the README's comparison)")
+                   help="growth method (default gn, the Gauss-Newton method; compared in docs/growers.md)")
     p.add_argument("--when", choices=["phases", "plateau"], default="phases",
                    help="grow after every phase (default) or when the training loss stops improving")
     p.add_argument("--patience", type=_COUNT, default=3,
@@ -162,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop when training plus growth steps have spent this many FLOPs (e.g. 2e12); the learning "
                         "rate follows the budget and the last phase runs until it is spent")
     p.add_argument("--data", default="digits",
-                   help="digits (default), a .pt/.npz file with x, y [, x_val, y_val], or module:function returning "
-                        "(train, val) loaders")
+                   help="digits (default), a bundled task (teacher, clusters, digits_augmented), a .pt/.npz file "
+                        "with x, y [, x_val, y_val], or module:function returning (train, val) loaders")
     p.add_argument("--phases", type=_COUNT, default=5, help="training phases; a growth step follows each but the last (default 5)")
     p.add_argument("--phase-epochs", type=_COUNT, default=20, help="epochs per phase (default 20)")
     target = p.add_mutually_exclusive_group()

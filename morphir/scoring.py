@@ -65,7 +65,7 @@ MAX_CURVATURE_OUTPUTS = 64  # output features per sample up to which the exact G
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    """Knobs of the scoring pass (defaults are the measured choices, see the README).
+    """Knobs of the scoring pass (defaults are the measured choices, see docs/scoring.md).
 
     ``trust``: θ of a site is kept within ``trust`` × the norm of the weights it perturbs.
     ``ema``: momentum of the moving average of ΔL over batches.
