@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from morphir.channels import Rule, RuleContext, _L
+from morphir.rule_context import Rule, RuleContext, TensorChannels
 
 __all__ = ["passthrough", "follower", "blocking", "MODULE_RULES", "FUNCTION_RULES", "METHOD_RULES"]
 
@@ -184,7 +184,7 @@ def _cat(ctx: RuleContext, node: fx.Node, module: nn.Module | None) -> None:
         return
     first = lays[0]
     if dim % first.ndim == first.axis:
-        ctx.set(node, _L(first.axis, first.ndim, tuple(s for lay in lays for s in lay.segs)))
+        ctx.set(node, TensorChannels(first.axis, first.ndim, tuple(s for lay in lays for s in lay.segs)))
         return
     for lay in lays[1:]:
         ctx.merge(first, lay, f"cat along a non-channel axis at node {node.name}")
@@ -200,10 +200,10 @@ def _flatten_like(ctx: RuleContext, node: fx.Node, module: nn.Module | None) -> 
         return
     axis = lay.axis
     if len(out) > axis and tuple(out[: axis + 1]) == tuple(inp[: axis + 1]):
-        new = _L(axis, len(out), lay.segs)  # channels and everything before them untouched
+        new = TensorChannels(axis, len(out), lay.segs)  # channels and everything before them untouched
     elif axis == 1 and len(out) == 2 and out[0] == inp[0] and out[1] == torch.Size(inp[1:]).numel():
         inner = int(torch.Size(inp[2:]).numel())
-        new = _L(1, 2, tuple((s, i * inner) for s, i in lay.segs))
+        new = TensorChannels(1, 2, tuple((s, i * inner) for s, i in lay.segs))
     else:
         ctx.unknown(node, f"reshape at node {node.name} from {tuple(inp)} to {tuple(out)} moves the channels")
         return
@@ -211,7 +211,7 @@ def _flatten_like(ctx: RuleContext, node: fx.Node, module: nn.Module | None) -> 
     ctx.set(node, new)
 
 
-def _record_literal(ctx: RuleContext, node: fx.Node, lay: _L, out: torch.Size) -> None:
+def _record_literal(ctx: RuleContext, node: fx.Node, lay: TensorChannels, out: torch.Size) -> None:
     """Remember a literal size on the channel axis of a view/reshape so a rewrite can update it."""
     is_view = node.op == "call_method" and node.target in ("view", "reshape")
     if not (is_view or node.target is torch.reshape):
@@ -243,7 +243,7 @@ def _reduce(ctx: RuleContext, node: fx.Node, module: nn.Module | None) -> None:
     if out[axis] != ctx.width(lay):
         ctx.unknown(node, f"reduction at node {node.name} changes the channel axis")
         return
-    ctx.set(node, _L(axis, len(out), lay.segs))
+    ctx.set(node, TensorChannels(axis, len(out), lay.segs))
 
 
 def _permute(ctx: RuleContext, node: fx.Node, module: nn.Module | None) -> None:
@@ -260,7 +260,7 @@ def _permute(ctx: RuleContext, node: fx.Node, module: nn.Module | None) -> None:
         if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
             dims = dims[0]
         axis = [int(d) % lay.ndim for d in dims].index(lay.axis)
-    ctx.set(node, _L(axis, lay.ndim, lay.segs))
+    ctx.set(node, TensorChannels(axis, lay.ndim, lay.segs))
 
 
 def _split_like(ctx: RuleContext, node: fx.Node, module: nn.Module | None) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from morphir.engine import candidates, default_registry
+from morphir.defaults import candidates, default_registry
 from morphir.errors import MorphirError
 from morphir.export import ONNX_ATOL, ONNX_RTOL
 from morphir.graph import MorphGraph
@@ -87,7 +87,7 @@ def _target_factor(text: str) -> float | None:
 
 
 def _default_factor() -> str:
-    from morphir.grow import GrowConfig
+    from morphir.config import GrowConfig
 
     factor = GrowConfig().target_factor
     return "none" if factor is None else f"{factor:g}"
@@ -330,7 +330,8 @@ def _score(args: argparse.Namespace) -> int:
     import torch.nn.functional as F
 
     from morphir.data import digits_loaders
-    from morphir.scoring import ScoreConfig, exact_delta_losses, score, spearman
+    from morphir.defaults import score
+    from morphir.scoring import ScoreConfig, exact_delta_losses, spearman
     from morphir.train import evaluate, fit
 
     if args.plot and not args.exact:
@@ -498,7 +499,10 @@ def _grow(args: argparse.Namespace) -> int:
     from morphir.errors import CheckpointError, DataError, TraceError
     from morphir.export import compile as compile_module
     from morphir.export import export_onnx, export_program
-    from morphir.grow import GrowConfig, atomic_write, grow, phase_summary, retrain
+    from morphir.checkpoints import atomic_write
+    from morphir.config import GrowConfig
+    from morphir.defaults import grow
+    from morphir.results import phase_summary, retrain
     from morphir.report import write_report
 
     options = {"phases": args.phases, "phase_epochs": args.phase_epochs, "resource": args.resource,
@@ -555,7 +559,7 @@ def _grow(args: argparse.Namespace) -> int:
         return 130
     if args.retrain:
         retrain(result, data.train, data.val, loss_fn, device=args.device)
-    from morphir.grow import resolve_grower
+    from morphir.defaults import resolve_grower
 
     module = resolve_grower(cfg.method).finalize(result.graph).module  # e.g. template mixing baked into plain layers
     example = tuple(t[:1] for t in (x0 if isinstance(x0, tuple) else (x0,)))

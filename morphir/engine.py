@@ -18,11 +18,11 @@ from torch.utils._pytree import tree_leaves
 
 from morphir.errors import InvariantError, MorphismError, PreservationError
 from morphir.graph import MorphGraph
-from morphir.morphism import Candidate, Morphism, Registry, Site, is_zero
-from morphir.rewrite import ParamEdit, Rewriter
+from morphir.morphism import Candidate, Morphism, Registry, Site, is_zero, resolve
+from morphir.rewriter import ParamEdit, Rewriter
 from morphir.verify import Mismatch, find_mismatch
 
-__all__ = ["PassResult", "default_registry", "morphisms", "candidates", "rewrite", "apply", "output_mismatch"]
+__all__ = ["PassResult", "apply", "candidates", "output_mismatch", "rewrite"]
 
 log = logging.getLogger(__name__)
 
@@ -46,39 +46,16 @@ class PassResult:
     param_edits: Mapping[str, ParamEdit] = field(default_factory=dict)
 
 
-def default_registry() -> Registry:
-    """A new registry holding the built-in morphisms (``split``, ``prune``, ``deepen``).
-
-    Each call returns a fresh object: registering into it changes nothing global.
-
-    >>> reg = morphir.default_registry()
-    >>> reg.names()
-    ['split', 'prune', 'deepen']
-    """
-    from morphir import passes
-
-    return Registry(passes.builtin_morphisms())
-
-
-def morphisms(registry: Registry | None = None) -> list[str]:
-    """Names of the registered morphisms (the built-ins when ``registry`` is None).
-
-    >>> morphir.morphisms()
-    ['split', 'prune', 'deepen']
-    """
-    return (registry or default_registry()).names()
-
-
 def candidates(graph: MorphGraph, morphism: str | Morphism, *, registry: Registry | None = None) -> list[Candidate]:
-    """Every candidate of ``morphism`` (a name or a Morphism instance) on ``graph``.
+    """Every candidate of ``morphism`` on ``graph``: a Morphism instance, or a name looked up in
+    ``registry`` (``morphir.candidates`` defaults it to the built-ins).
 
-    >>> cands = morphir.candidates(g, "split")
+    >>> cands = candidates(g, "split", registry=morphir.default_registry())
     >>> cands[0].site, cands[0].delta_params
     """
     if not isinstance(graph, MorphGraph):
         raise MorphismError(f"candidates expects a MorphGraph (from morphir.trace), got {type(graph).__name__}")
-    m = morphism if isinstance(morphism, Morphism) else (registry or default_registry()).get(morphism)
-    return m.candidates(graph)
+    return resolve(morphism, registry).candidates(graph)
 
 
 def _thetas(graph: MorphGraph, cands: Sequence[Candidate], theta: Theta) -> list[torch.Tensor]:

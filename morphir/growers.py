@@ -36,7 +36,7 @@ from morphir.graph import MorphGraph
 from morphir.morphism import Candidate, Morphism, Registry, Site
 
 if TYPE_CHECKING:
-    from morphir.grow import GrowConfig
+    from morphir.config import GrowConfig
     from morphir.scoring import LossFn
 
 __all__ = ["Grower", "GrowthStep", "Growth", "log_entry", "replay_entries", "apply_in_turn", "line_search",

@@ -1,6 +1,6 @@
-"""The morphism contract: candidate sites, θ, an exact rewrite at θ = 0, and the local change Δz(θ).
+"""The morphism contract: candidate sites, θ, and an exact rewrite at θ = 0.
 
-A morphism is a class with a ``name`` and four methods::
+A morphism is a class with a ``name`` and three methods::
 
     class Split(Morphism):
         name = "split"
@@ -10,8 +10,9 @@ A morphism is a class with a ``name`` and four methods::
             ...
         def rewrite(self, rw, items):        # record edits for [(site, θ), ...]; return "modified"
             ...
-        def local_change(self, ctx, sites, theta):  # Δz·g for the scoring pass
-            ...
+
+A morphism the Gauss-Newton pass can estimate also implements the scoring protocol,
+:class:`morphir.ScoredMorphism` (its local change Δz·g), which the scoring module owns.
 
 The engine (:func:`morphir.apply`), not the morphism, checks the contract: it verifies that the
 rewrite at θ = 0 preserves the function on a probe batch and that ``modified`` is honest.
@@ -20,7 +21,7 @@ rewrite at θ = 0 preserves the function on a probe batch and that ``modified`` 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -30,10 +31,9 @@ from morphir.errors import MorphismError
 
 if TYPE_CHECKING:
     from morphir.graph import MorphGraph
-    from morphir.rewrite import Rewriter
-    from morphir.scoring import ScoreContext
+    from morphir.rewriter import Rewriter
 
-__all__ = ["Site", "Candidate", "Morphism", "Registry"]
+__all__ = ["Candidate", "Morphism", "Registry", "Site", "resolve"]
 
 
 @dataclass(frozen=True, order=True)
@@ -100,12 +100,16 @@ class Morphism(ABC):
     """Base class of every morphism, built-in or custom.
 
     Class attributes: ``name`` (unique), ``preserving`` (the rewrite at θ = 0 leaves the function
-    unchanged; the engine checks it on every rewrite), ``description`` (one line for listings).
+    unchanged; the engine checks it on every rewrite), ``description`` (one line for listings),
+    ``removes_channel`` (it deletes its site's channel; selection never empties a group).
     """
 
     name: ClassVar[str] = ""
     preserving: ClassVar[bool] = True
     description: ClassVar[str] = ""
+    removes_channel: ClassVar[bool] = False
+    """The morphism removes its site's channel (a prune): selection never applies so many to one
+    group that it would be left without channels."""
 
     @abstractmethod
     def sites(self, graph: MorphGraph) -> Iterable[Site]:
@@ -133,46 +137,6 @@ class Morphism(ABC):
     def cost(self, graph: MorphGraph, site: Site) -> tuple[int, int]:
         """``(Δparams, ΔFLOPs per sample)`` of applying the morphism at ``site``."""
         return (0, 0)
-
-    # -- scoring hooks (see morphir.scoring) -------------------------------------------------------
-    learnable: ClassVar[bool] = True
-    """Whether θ is learned when scoring (False: θ stays at its default, e.g. a prune)."""
-
-    def batch_key(self, graph: MorphGraph, site: Site) -> Hashable:
-        """Sites with the same key are scored together, θ stacked (default: each site alone)."""
-        return site
-
-    def init_theta(self, graph: MorphGraph, sites: Sequence[Site], trust: float, gen: torch.Generator) -> torch.Tensor:
-        """Starting θ for ``sites`` stacked on dim 0, within the trust region (default: zeros)."""
-        return torch.stack([self.zero_theta(graph, s) for s in sites])
-
-    def trust_radius(self, graph: MorphGraph, sites: Sequence[Site], trust: float) -> torch.Tensor:
-        """Largest norm of θ allowed per site when learning θ (default: unbounded)."""
-        return torch.full((len(sites),), float("inf"))
-
-    def alias_calls(self, graph: MorphGraph, sites: Sequence[Site]) -> Iterable[str]:
-        """Call nodes whose input gradient (through that call only) ``local_change`` reads."""
-        return ()
-
-    def grad_nodes(self, graph: MorphGraph, sites: Sequence[Site]) -> Iterable[str]:
-        """Nodes whose output gradient ``local_change`` reads."""
-        return ()
-
-    def site_nodes(self, graph: MorphGraph, site: Site) -> Iterable[str]:
-        """Nodes that carry the site's score record: a group's producer calls, or the anchor node."""
-        if site.anchor in graph.analysis.groups:
-            return [p.node for p in graph.group(site.anchor).producers]
-        return [site.anchor]
-
-    def local_change(self, ctx: ScoreContext, sites: Sequence[Site], theta: torch.Tensor) -> torch.Tensor:
-        """Δz(θ)·g per site and sample, shape ``(len(sites), N)``, differentiable in ``theta``.
-
-        Δz is the change the morphism makes where it first appears (a consumer's input, the output
-        of an anchor node) and g the per-sample loss gradient there, both read from ``ctx``; the
-        scoring pass turns it into ΔL ≈ s + s²/(4L). Morphisms that cannot be scored raise
-        :class:`NotImplementedError` (the message says why).
-        """
-        raise NotImplementedError(f"morphism {self.name!r} does not define local_change")
 
     def candidates(self, graph: MorphGraph) -> list[Candidate]:
         """A :class:`Candidate` for every site, with its parameter and FLOP cost.
@@ -233,6 +197,20 @@ class Registry:
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def resolve(spec: str | Morphism, registry: Registry | None) -> Morphism:
+    """The morphism ``spec`` names in ``registry`` (a Morphism instance is returned as is).
+
+    >>> resolve("split", morphir.default_registry())
+    <morphism split>
+    """
+    if isinstance(spec, Morphism):
+        return spec
+    if registry is None:
+        raise MorphismError(f"the morphism {spec!r} is given by name but no registry was given to look it up in: "
+                            "pass registry=morphir.default_registry() (or your own), or the Morphism itself")
+    return registry.get(spec)
 
 
 def is_zero(theta: torch.Tensor) -> bool:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from morphir.rewrite import ParamEdit
+from morphir.rewriter import ParamEdit
 
 __all__ = ["carry_state", "rebuild_optimizer"]
 

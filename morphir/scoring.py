@@ -6,7 +6,7 @@ For a morphism whose change first appears at z, with g = ∂L/∂z and L̂ the l
 
 (Lawton, Galstyan, Ver Steeg, arXiv 2411.05855). One forward/backward per batch captures the
 activations and the gradients at every point a morphism reads; each morphism's
-:meth:`~morphir.Morphism.local_change` turns them into s = Δz·g per sample for all its sites of
+:meth:`~morphir.ScoredMorphism.local_change` turns them into s = Δz·g per sample for all its sites of
 one batch key at once (every channel of a layer together); θ is learned by Adam on the estimate
 with the weights frozen, kept in a trust region, and the estimate is averaged over batches (EMA).
 
@@ -19,23 +19,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from abc import abstractmethod
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
 from torch.func import hessian, vmap
 
 from morphir.channels import ChannelGroup
-from morphir.engine import apply, default_registry
+from morphir.engine import apply
 from morphir.errors import MorphirError, MorphismError, TrainingError
 from morphir.graph import MorphGraph
-from morphir.morphism import Candidate, Morphism, Registry
+from morphir.morphism import Candidate, Morphism, Registry, Site, resolve
 
 __all__ = [
+    "ScoredMorphism",
     "ScoreContext",
     "ScoreConfig",
     "score",
@@ -61,6 +63,57 @@ SCORE_KEY = "morphir.score"
 _MIN_LOSS = 1e-8
 CURVATURES = ("rank-one", "gauss-newton")
 MAX_CURVATURE_OUTPUTS = 64  # output features per sample up to which the exact Gauss-Newton term is used
+
+
+class ScoredMorphism(Morphism):
+    """The scoring protocol: a :class:`~morphir.Morphism` the Gauss-Newton pass can estimate.
+
+    It adds :meth:`local_change` (Δz·g per site and sample) and hooks with defaults: which sites
+    are scored together, θ's start and trust radius, and which gradients the pass captures. A
+    morphism that does not score subclasses :class:`~morphir.Morphism` alone and stays small; it
+    may say why in ``why_not_scored``, which the error names when it is asked for.
+
+    >>> class Split(morphir.ScoredMorphism):
+    ...     def local_change(self, ctx, sites, theta): ...
+    """
+
+    learnable: ClassVar[bool] = True
+    """Whether θ is learned when scoring (False: θ stays at its default, e.g. a prune)."""
+
+    def batch_key(self, graph: MorphGraph, site: Site) -> Hashable:
+        """Sites with the same key are scored together, θ stacked (default: each site alone)."""
+        return site
+
+    def init_theta(self, graph: MorphGraph, sites: Sequence[Site], trust: float, gen: torch.Generator) -> torch.Tensor:
+        """Starting θ for ``sites`` stacked on dim 0, within the trust region (default: zeros)."""
+        return torch.stack([self.zero_theta(graph, s) for s in sites])
+
+    def trust_radius(self, graph: MorphGraph, sites: Sequence[Site], trust: float) -> torch.Tensor:
+        """Largest norm of θ allowed per site when learning θ (default: unbounded)."""
+        return torch.full((len(sites),), float("inf"))
+
+    def alias_calls(self, graph: MorphGraph, sites: Sequence[Site]) -> Iterable[str]:
+        """Call nodes whose input gradient (through that call only) ``local_change`` reads."""
+        return ()
+
+    def grad_nodes(self, graph: MorphGraph, sites: Sequence[Site]) -> Iterable[str]:
+        """Nodes whose output gradient ``local_change`` reads."""
+        return ()
+
+    def site_nodes(self, graph: MorphGraph, site: Site) -> Iterable[str]:
+        """Nodes that carry the site's score record: a group's producer calls, or the anchor node."""
+        if site.anchor in graph.analysis.groups:
+            return [p.node for p in graph.group(site.anchor).producers]
+        return [site.anchor]
+
+    @abstractmethod
+    def local_change(self, ctx: ScoreContext, sites: Sequence[Site], theta: torch.Tensor) -> torch.Tensor:
+        """Δz(θ)·g per site and sample, shape ``(len(sites), N)``, differentiable in ``theta``.
+
+        Δz is the change the morphism makes where it first appears (a consumer's input, the output
+        of an anchor node) and g the per-sample loss gradient there, both read from ``ctx``; the
+        scoring pass turns it into ΔL ≈ s + s²/(4L).
+        """
 
 
 @dataclass(frozen=True)
@@ -151,7 +204,7 @@ class ScoreContext:
     def grad(self, name: str) -> torch.Tensor:
         """Per-sample gradient of the loss at the output of ``name``."""
         if name not in self.grads:
-            raise MorphismError(f"no gradient captured at node {name!r}; list it in Morphism.grad_nodes")
+            raise MorphismError(f"no gradient captured at node {name!r}; list it in ScoredMorphism.grad_nodes")
         return self.grads[name]
 
     def input_grad(self, call: str) -> torch.Tensor:
@@ -513,24 +566,23 @@ class Scorer:
     ):
         self.graph, self.loss_fn = graph, loss_fn
         self.cfg = config or ScoreConfig()
-        reg = registry or default_registry()
         gen = torch.Generator().manual_seed(self.cfg.seed)
         keep = None if only is None else set(only)
         self.plans: list[tuple[Morphism, list[Candidate], torch.Tensor, torch.Tensor]] = []
         self.alias_calls: set[str] = set()
         self.grad_nodes: set[str] = set()
         for spec in morphisms:
-            m = reg.get(spec)
+            m = resolve(spec, registry)
+            if not isinstance(m, ScoredMorphism):
+                why = getattr(m, "why_not_scored", "") or "it is no morphir.ScoredMorphism (it defines no local change)"
+                raise MorphismError(f"morphism {m.name!r} cannot be scored: {why}")
             by_key: dict[Any, list[Candidate]] = defaultdict(list)
             for c in m.candidates(graph):
                 if keep is None or c in keep:
                     by_key[m.batch_key(graph, c.site)].append(c)
             for group in by_key.values():
                 sites = [c.site for c in group]
-                try:
-                    theta = m.init_theta(graph, sites, self.cfg.trust, gen)
-                except NotImplementedError as exc:
-                    raise MorphismError(f"morphism {m.name!r} cannot be scored: {exc}") from exc
+                theta = m.init_theta(graph, sites, self.cfg.trust, gen)
                 radius = m.trust_radius(graph, sites, self.cfg.trust)
                 if init:
                     given = [(j, init[c]) for j, c in enumerate(group) if c in init]
@@ -567,10 +619,7 @@ class Scorer:
             ctx = self.capturer(x, y, self.loss_fn, memo=self.memo)
             inv4l = 1.0 / (4 * ctx.losses.clamp_min(_MIN_LOSS))
             for i, (m, group, theta, _) in enumerate(self.plans):
-                try:
-                    s = m.local_change(ctx, [c.site for c in group], theta)
-                except NotImplementedError as exc:
-                    raise MorphismError(f"morphism {m.name!r} cannot be scored: {exc}") from exc
+                s = m.local_change(ctx, [c.site for c in group], theta)
                 est = gn_estimate(s, ctx.losses, per_sample=self.cfg.per_sample, inv4l=inv4l)
                 e = est.detach()
                 self.ema[i] = e if self.ema[i] is None else self.cfg.ema * self.ema[i] + (1 - self.cfg.ema) * e
@@ -649,8 +698,9 @@ def score(
     """Score every candidate of ``morphisms`` on ``graph``: learn θ, estimate ΔL, attach both.
 
     ``batches``: an iterable of ``(x, y)`` or a callable returning one (called once per epoch);
-    ``loss_fn(output, y)``: a mean loss. The network runs in eval mode; its weights and ``.grad``
-    are not touched. ``estimate_batches``: make the final pass over these instead (held-out
+    ``loss_fn(output, y)``: a mean loss. ``morphisms``: Morphism instances, or names looked up in
+    ``registry`` (``morphir.score`` defaults it to the built-ins). The network runs in eval mode;
+    its weights and ``.grad`` are not touched. ``estimate_batches``: make the final pass over these instead (held-out
     batches: an estimate on the batches θ was learned on is biased towards gains that do not
     generalise). ``init``: the θ some candidates start from (see :class:`Scorer`; the ``gn``
     grower starts splits at splitting steepest descent's directions). Each candidate gets ``.theta``, ``.estimate`` (ΔL at that θ: the mean over a

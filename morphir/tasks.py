@@ -28,8 +28,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Task", "TASKS", "TEACHER_SEED", "teacher", "clusters", "digits_augmented", "augment", "task_names",
-           "build_task"]
+from morphir.errors import DataError
+
+__all__ = ["TASKS", "TEACHER_SEED", "Task", "augment", "build_task", "clusters", "digits_augmented", "digits_tensors",
+           "task_names", "teacher"]
 
 TEACHER_SEED = 20_220_131  # the teacher's own generator: the same teacher for every run seed
 
@@ -134,9 +136,31 @@ def augment(images: torch.Tensor, copies: int = 1, gen: torch.Generator | None =
     return out + 0.25 * torch.randn(out.shape, generator=gen)
 
 
+def digits_tensors(*, seed: int = 0, val_fraction: float = 0.2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_train, y_train, x_val, y_val)``: images scaled to [0, 1] as (N, 1, 8, 8) float32, labels int64.
+
+    The split is a fixed permutation drawn from ``seed``.
+
+    >>> xt, yt, xv, yv = digits_tensors(seed=0)
+    >>> xt.shape, xv.shape
+    (torch.Size([1438, 1, 8, 8]), torch.Size([359, 1, 8, 8]))
+    """
+    from sklearn.datasets import load_digits  # scikit-learn's bundled data (imported only when used)
+
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(data.target, dtype=torch.int64)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_val = int(round(len(y) * val_fraction))
+    val, train = order[:n_val], order[n_val:]
+    return x[train], y[train], x[val], y[val]
+
+
 def digits_augmented(*, seed: int = 0, copies: int = 4) -> Task:
     """Digits made harder for a small convolutional net: scikit-learn's 8×8 digits split as
-    :func:`morphir.data.digits_tensors` splits them (by ``seed``); each epoch sees every training
+    :func:`digits_tensors` splits them (by ``seed``); each epoch sees every training
     image ``copies`` times, each time a fresh random variant (:func:`augment` as the
     ``train_transform``), and the validation set is ``copies`` fixed variants of each validation
     image (drawn from ``seed``); cross-entropy. Seed: ``zoo:vgg19`` at width 4.
@@ -149,8 +173,6 @@ def digits_augmented(*, seed: int = 0, copies: int = 4) -> Task:
     >>> task.x_train.shape, task.x_val.shape
     (torch.Size([5752, 1, 8, 8]), torch.Size([1436, 1, 8, 8]))
     """
-    from morphir.data import digits_tensors
-
     xt, yt, xv, yv = digits_tensors(seed=seed)
     gen = torch.Generator().manual_seed(seed * 1_000_003 + 7)
     return Task("digits_augmented", xt.repeat(copies, 1, 1, 1), yt.repeat(copies), augment(xv, copies, gen),
@@ -176,8 +198,6 @@ def build_task(name: str, *, seed: int = 0) -> Task:
     >>> build_task("clusters", seed=3).x_train.shape
     torch.Size([8000, 40])
     """
-    from morphir.errors import DataError
-
     if name not in TASKS:
         raise DataError(f"no bundled task {name!r}; the tasks are {', '.join(TASKS)}")
     return TASKS[name](seed=seed)

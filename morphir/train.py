@@ -1,5 +1,6 @@
-"""Plain training and evaluation loops (SGD with Nesterov momentum), used before scoring and by the
-growth loop.
+"""Training: plain training and evaluation loops (SGD with Nesterov momentum), the growth loop's
+optimizer and cosine schedule, batch-norm recalibration and reinitialisation; used before scoring,
+by the growth loop and by growers that train.
 
 >>> losses = fit(graph.module, train_loader, F.cross_entropy, epochs=5)
 >>> val_loss, val_acc = evaluate(graph.module, val_loader, F.cross_entropy)
@@ -9,14 +10,18 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.nn as nn
 
+from morphir.config import GrowConfig
 from morphir.errors import DataError, TrainingError
 
-__all__ = ["fit", "train_epoch", "evaluate", "to_device"]
+__all__ = ["cosine_lr", "evaluate", "fit", "recalibrate_batch_norm", "reinitialise", "seed_for", "sgd", "show_progress",
+           "to_device", "train_epoch"]
 
 log = logging.getLogger(__name__)
 
@@ -144,3 +149,85 @@ def evaluate(
     if count == 0:
         raise DataError("the validation data yielded no batches")
     return total / count, (correct / count if classify else None)
+
+
+# -- training -------------------------------------------------------------------------------------
+def seed_for(seed: int, *where: int) -> int:
+    """A seed derived from a run's ``seed`` and a place in the run (phase, epoch, step...), so every
+    shuffle and draw can be replayed on resume.
+
+    >>> torch.manual_seed(seed_for(cfg.seed, 0, epoch))   # the shuffle of that epoch
+    """
+    value = seed
+    for w in where:
+        value = (value * 1_000_003 + w + 1) % (2**62)
+    return value
+
+
+def sgd(module: nn.Module, cfg: GrowConfig) -> torch.optim.Optimizer:
+    """The growth loop's optimizer: SGD with ``cfg``'s learning rate, momentum, Nesterov and weight decay.
+
+    >>> opt = sgd(graph.module, GrowConfig(lr=0.05))
+    """
+    return torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           weight_decay=cfg.weight_decay)
+
+
+def cosine_lr(cfg: GrowConfig, epoch: int, total: int) -> float:
+    """The learning rate ``epoch`` epochs into a cosine of ``total`` epochs from ``cfg.lr``.
+
+    >>> cosine_lr(GrowConfig(lr=0.1), 5, 10)
+    0.05
+    """
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * epoch / max(total, 1)))
+
+
+def show_progress(enabled: bool | None) -> bool:
+    """Whether to draw progress bars: as asked, or (None) when stderr is a terminal.
+
+    >>> show_progress(None)
+    """
+    return sys.stderr.isatty() if enabled is None else enabled
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(module: nn.Module, batches: Iterable[tuple[Any, Any]]) -> int:
+    """Re-estimate every batch norm's running statistics as the plain average over ``batches``
+    (forward passes in train mode, no gradients); returns the number of batches used.
+
+    >>> recalibrate_batch_norm(model, itertools.islice(train, 8))
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    was_training = module.training
+    count = 0
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+        module.train()
+        for x, _ in batches:
+            module(*(x if isinstance(x, tuple) else (x,)))
+            count += 1
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        module.train(was_training)
+    return count
+
+
+def reinitialise(module: nn.Module, seed: int) -> None:
+    """Draw every parameter of ``module`` afresh (``reset_parameters``) and reset its batch-norm
+    statistics, from ``seed``: the found architecture, from scratch.
+
+    >>> reinitialise(copy.deepcopy(result.graph.module), seed=0)
+    """
+    torch.manual_seed(seed)
+    for m in module.modules():
+        if hasattr(m, "reset_parameters") and callable(m.reset_parameters):
+            m.reset_parameters()
+        if hasattr(m, "reset_running_stats") and callable(m.reset_running_stats):
+            m.reset_running_stats()
+

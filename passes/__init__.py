@@ -11,7 +11,7 @@ Growth methods (growers) are here too, each written as morphisms plus a selectio
 
 from __future__ import annotations
 
-from morphir import Grower, Morphism
+from morphir.api import Grower, Morphism
 from morphir.passes.add_channel import AddChannel
 from morphir.passes.deepen import Deepen
 from morphir.passes.firefly import Firefly

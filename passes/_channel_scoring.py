@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from morphir import MorphGraph, ScoreContext, Site
+from morphir.api import MorphGraph, ScoreContext, Site
 
 __all__ = ["Start", "incoming_stack", "starts", "producer_change", "stack_theta", "consumer_calls", "site_rows"]
 

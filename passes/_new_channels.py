@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from morphir import (
+from morphir.api import (
     Candidate,
     ChannelCopy,
     GrowthStep,

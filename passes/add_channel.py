@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from morphir import ChannelCopy, MorphGraph, Morphism, Rewriter, ScoreContext, Site
+from morphir.api import ChannelCopy, MorphGraph, Morphism, Rewriter, Site
 
 __all__ = ["AddChannel", "fresh_rows"]
 
@@ -65,6 +65,8 @@ class AddChannel(Morphism):
 
     name = "add_channel"
     description = "add a new neuron: θ = its incoming then outgoing weights (exact while the outgoing ones are 0)"
+    why_not_scored = ("a new neuron's θ is chosen by its grower (random, gradmax, firefly), not learned by the "
+                      "Gauss-Newton pass: at θ = 0 both halves of the neuron are zero, so Δz·g and its gradient vanish")
 
     def sites(self, graph: MorphGraph) -> Iterable[Site]:
         for grp in graph.groups:
@@ -110,9 +112,3 @@ class AddChannel(Morphism):
                                   outgoing=graph.unflatten_outgoing(site.anchor, outgoing)))
             rw.set_copies(site.anchor, site.index, copies, origin=f"{self.name}@{site}")
         return bool(items)
-
-    def local_change(self, ctx: ScoreContext, sites: Sequence[Site], theta: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(
-            "a new neuron's θ is chosen by its grower (random, gradmax, firefly), not learned by the "
-            "Gauss-Newton pass: at θ = 0 both halves of the neuron are zero, so Δz·g and its gradient vanish"
-        )

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from morphir import MorphGraph, Morphism, Rewriter, ScoreContext, Site, grad_dot
+from morphir.api import MorphGraph, Rewriter, ScoreContext, ScoredMorphism, Site, grad_dot
 
 __all__ = ["Deepen"]
 
@@ -45,7 +45,7 @@ def _op(graph: MorphGraph, node_name: str) -> object:
     return node.target if node.op in ("call_function", "call_method") else None
 
 
-class Deepen(Morphism):
+class Deepen(ScoredMorphism):
     """Insert an identity-initialised layer or a zero-initialised residual branch after a node."""
 
     name = "deepen"

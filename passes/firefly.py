@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
-from morphir import (
+from morphir.api import (
     Candidate,
     Grower,
     Growth,

@@ -39,9 +39,10 @@ import torch
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from morphir import (Candidate, Grower, Growth, GrowthStep, MorphGraph, MorphirError, Registry, ScoreConfig,
+from morphir.api import (Candidate, Grower, Growth, GrowthStep, MorphGraph, MorphirError, Registry, ScoreConfig,
                      apply_in_turn, batch_loss, candidates, count_flops, exact_delta_losses, line_search, score, select)
 from morphir.passes.s2d import splitting_matrices
+from morphir.passes.split import Split
 
 __all__ = ["GaussNewton", "split_init"]
 
@@ -59,7 +60,7 @@ def split_init(graph: MorphGraph, batches: Iterable[tuple[Any, Any]], loss_fn: C
     >>> cands = morphir.score(g, batches, F.cross_entropy, ("split",), init=thetas)
     """
     batches = list(batches)
-    cands = candidates(graph, "split", registry=registry)
+    cands = candidates(graph, registry.get("split") if registry is not None else Split())
     sms = splitting_matrices(graph, batches, loss_fn, groups=list(dict.fromkeys(c.site.anchor for c in cands)))
     out: dict[Candidate, torch.Tensor] = {}
     for c in cands:

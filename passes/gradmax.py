@@ -71,7 +71,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from morphir import (
+from morphir.api import (
     Candidate,
     GrowConfig,
     Grower,

@@ -38,9 +38,8 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from morphir import GrowConfig, Grower, Growth, GrowthStep, MorphGraph, PassResult, Registry, recalibrate_batch_norm
-from morphir.errors import CheckpointError, MorphirError, TrainingError
-from morphir.train import train_epoch
+from morphir.api import (CheckpointError, GrowConfig, Grower, Growth, GrowthStep, MorphGraph, MorphirError, PassResult,
+                         Registry, TrainingError, recalibrate_batch_norm, train_epoch)
 
 __all__ = ["MixtureGrowth", "TemplateMix", "mix", "widen", "mixed_layers", "bake"]
 

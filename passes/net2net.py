@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from morphir import Candidate, Grower, Growth, GrowthStep, MorphGraph, apply_in_turn
+from morphir.api import Candidate, Grower, Growth, GrowthStep, MorphGraph, apply_in_turn, candidates
 from morphir.passes.split import Split
 
 __all__ = ["Net2Net"]
@@ -59,8 +59,6 @@ class Net2Net(Grower):
         return chosen, thetas
 
     def _deepen(self, step: GrowthStep, graph: MorphGraph) -> tuple[list[Candidate], dict[Candidate, torch.Tensor]]:
-        from morphir import candidates
-
         sites = [c for c in candidates(graph, "deepen", registry=step.registry) if c.site.variant == "identity"]
         if not sites or self.deepen <= 0:
             return [], {}

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from morphir import MorphGraph, Morphism, Rewriter, ScoreContext, Site, dot_at_consumers, propagate
+from morphir.api import MorphGraph, Rewriter, ScoreContext, ScoredMorphism, Site, dot_at_consumers, propagate
 from morphir.passes._channel_scoring import (
     consumer_calls,
     incoming_stack,
@@ -29,10 +29,11 @@ from morphir.passes._channel_scoring import (
 __all__ = ["Prune"]
 
 
-class Prune(Morphism):
+class Prune(ScoredMorphism):
     """Prune channel ``site.index`` of group ``site.anchor``."""
 
     name = "prune"
+    removes_channel = True
     description = "remove a channel (θ = its incoming weights), folding its constant into biases"
 
     def sites(self, graph: MorphGraph) -> Iterable[Site]:

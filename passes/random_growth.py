@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from morphir import Candidate, Grower, Growth, GrowthStep, MorphGraph
+from morphir.api import Candidate, Grower, Growth, GrowthStep, MorphGraph
 from morphir.passes.add_channel import AddChannel
 
 __all__ = ["RandomGrowth", "random_incoming"]

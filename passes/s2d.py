@@ -48,7 +48,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from morphir import (
+from morphir.api import (
     Candidate,
     Grower,
     Growth,

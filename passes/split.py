@@ -26,16 +26,16 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from morphir import MorphGraph, Morphism, MorphismError, Rewriter, ScoreContext, Site, dot_at_consumers, propagate
+from morphir.api import (MorphGraph, MorphismError, Rewriter, ScoreContext, ScoredMorphism, Site, batch_norm_after,
+                     dot_at_consumers, propagate)
 from morphir.passes._channel_scoring import consumer_calls, incoming_stack, producer_change, site_rows, stack_theta
-from morphir.rewrite import batch_norm_after
 
 __all__ = ["FRESH_NORM", "Split"]
 
 FRESH_NORM = 3**-0.5  # the norm of a row of nn.Conv2d / nn.Linear at PyTorch's default initialisation
 
 
-class Split(Morphism):
+class Split(ScoredMorphism):
     """Split channel ``site.index`` of group ``site.anchor`` in every producer and consumer."""
 
     name = "split"

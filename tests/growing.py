@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import morphir
 from morphir.data import digits_tensors
-from morphir.grow import CHECKPOINT
+from morphir.checkpoints import CHECKPOINT
 
 
 def small_net() -> nn.Module:

@@ -19,7 +19,9 @@ import morphir
 from growing import loaders, small_net
 from morphir.cli import main
 from morphir.data import digits_tensors
-from morphir.grow import CHECKPOINT, recalibrate_batch_norm, select
+from morphir.checkpoints import CHECKPOINT
+from morphir.selection import select
+from morphir.train import recalibrate_batch_norm
 from morphir.passes import GaussNewton
 
 FAST = dict(phases=3, phase_epochs=1, score_batches=2, lam=0.0)
@@ -59,6 +61,23 @@ def test_select_applies_the_criterion_top_fraction_one_morphism_per_channel_and_
     prunes = [scored(g, "prune", i, -1.0 - i, -10) for i in range(6)]
     kept = select(prunes, g, lam=0.0, top_fraction=1.0)
     assert len(kept) == 5  # a group of 6 channels keeps at least one
+
+
+def test_select_never_empties_a_group_for_any_morphism_that_declares_it_removes_channels() -> None:
+    class Cull(morphir.passes.Prune):  # another name: the rule follows the declaration, not the name
+        name = "cull"
+
+    class Copy(morphir.passes.Prune):
+        name = "copy"
+        removes_channel = False
+
+    g = morphir.trace(small_net(), torch.zeros(1, 1, 8, 8))
+    for morph, expected in ((Cull(), 5), (Copy(), 6)):
+        cands = [c for c in morph.candidates(g) if c.site.anchor == "0"][:6]
+        for i, c in enumerate(cands):
+            c.estimate = -1.0 - i
+        assert g.group(cands[0].site.anchor).width == 6
+        assert len(select(cands, g, lam=0.0, top_fraction=1.0)) == expected
 
 
 # -- the loop ------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import morphir
 from growing import loaders, small_net
 from morphir.cli import main
-from morphir.grow import CHECKPOINT, _digest
+from morphir.checkpoints import CHECKPOINT, _digest
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import morphir
 from morphir import data, zoo
-from morphir.grow import CHECKPOINT
+from morphir.checkpoints import CHECKPOINT
 from morphir.passes.mixture import MixtureGrowth, bake, mix, mixed_layers, widen
 
 HIDDEN = ["features.1.0", "features.3.0", "features.9.0", "features.18.0"]

@@ -111,7 +111,7 @@ def test_every_registered_morphism_scores_or_says_why_not() -> None:
         cands = morphir.score(graph, batches, F.mse_loss, morphisms=(name,))
         assert cands and all(isinstance(c.estimate, float) for c in cands)
     reg = morphir.default_registry().register(Opaque())
-    with pytest.raises(morphir.MorphismError, match="'opaque' does not define local_change"):
+    with pytest.raises(morphir.MorphismError, match="'opaque' cannot be scored: it is no morphir.ScoredMorphism"):
         morphir.score(graph, batches, F.mse_loss, morphisms=("opaque",), registry=reg)
 
 
@@ -170,7 +170,8 @@ def test_scoring_a_subset_gives_the_same_estimates_as_scoring_all() -> None:
     cfg = morphir.ScoreConfig(lr=0.0)
     full = {c: c for c in morphir.score(graph, batches, F.mse_loss, config=cfg)}
     chosen = [c for c in full if c.site.index in (1, 3)]
-    scorer = morphir.Scorer(graph, F.mse_loss, ("split", "prune"), config=cfg, only=chosen)
+    scorer = morphir.Scorer(graph, F.mse_loss, ("split", "prune"), config=cfg, only=chosen,
+                            registry=morphir.default_registry())
     with torch.no_grad():  # the same θ as in the full pass (a subset draws its random start differently)
         for _, group, theta, _ in scorer.plans:
             theta.copy_(torch.stack([full[c].theta for c in group]))

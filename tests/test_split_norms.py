@@ -9,7 +9,7 @@ import morphir
 from growing import loaders, small_net
 from morphir.passes import Split
 from morphir.passes.split import FRESH_NORM
-from morphir.rewrite import Rewriter, batch_norm_after
+from morphir.rewriter import Rewriter, batch_norm_after
 from morphir.train import train_epoch
 
 

@@ -8,7 +8,7 @@ import torch
 import morphir
 from growing import assert_same_run
 from morphir.cli import main
-from morphir.grow import CHECKPOINT
+from morphir.checkpoints import CHECKPOINT
 
 
 def mlp(widths=(16, 16), seed: int = 0) -> torch.nn.Module:

@@ -63,7 +63,7 @@ def peak_kib(kind: str) -> int:
     """
     model, graph, batches = setup()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    scorer = morphir.Scorer(graph, F.cross_entropy, ("split", "prune"))
+    scorer = morphir.Scorer(graph, F.cross_entropy, ("split", "prune"), registry=morphir.default_registry())
     train_step(model, opt, *batches[0])
     scorer.step(*batches[0])
     gc.collect()
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     model, graph, batches = setup()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    scorer = morphir.Scorer(graph, F.cross_entropy, ("split", "prune"))
+    scorer = morphir.Scorer(graph, F.cross_entropy, ("split", "prune"), registry=morphir.default_registry())
     n_cands = sum(len(p[1]) for p in scorer.plans)
     x, y = batches[0]
     train_step(model, opt, x, y)
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in (64, 256, len(all_cands)):
         chosen = random.Random(k).sample(all_cands, k)
         t0 = time.perf_counter()
-        gn = morphir.Scorer(graph, F.cross_entropy, ("split", "prune"), only=chosen)
+        gn = morphir.Scorer(graph, F.cross_entropy, ("split", "prune"), only=chosen, registry=morphir.default_registry())
         for x, y in data:
             gn.step(x, y)
         gn.finish()
