@@ -11,6 +11,15 @@ package's imports run one way: ``morphir`` → ``morphir.passes`` → ``morphir.
 
 from morphir import zoo
 from morphir.channel_rules import blocking, follower, passthrough
+from morphir.channel_scoring import (
+    ProducerStart,
+    consumer_calls,
+    incoming_stack,
+    producer_change,
+    producer_starts,
+    site_rows,
+    stack_theta,
+)
 from morphir.channels import (
     ChannelAnalysis,
     ChannelGroup,
@@ -103,6 +112,7 @@ __all__ = [
     "CheckpointError",
     "compile",
     "Consumer",
+    "consumer_calls",
     "ContractReport",
     "ContractViolation",
     "count_flops",
@@ -127,6 +137,7 @@ __all__ = [
     "GrowResult",
     "Growth",
     "GrowthStep",
+    "incoming_stack",
     "InvariantError",
     "Layout",
     "LeafPolicy",
@@ -148,6 +159,9 @@ __all__ = [
     "passthrough",
     "PreservationError",
     "Producer",
+    "producer_change",
+    "producer_starts",
+    "ProducerStart",
     "propagate",
     "rebuild_optimizer",
     "recalibrate_batch_norm",
@@ -169,7 +183,9 @@ __all__ = [
     "Segment",
     "select",
     "Site",
+    "site_rows",
     "spearman",
+    "stack_theta",
     "trace",
     "TraceError",
     "train_epoch",

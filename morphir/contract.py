@@ -225,9 +225,11 @@ def check_morphism(
     except MorphirError as exc:
         raise _fail(morphism, None, f"rewriting {len(together)} candidates at once at θ = 0 failed: {exc}") from exc
     if morphism.preserving:
-        err, tol = output_mismatch(graph, res.graph)
-        if err > tol:
-            raise _fail(morphism, None, f"all {len(together)} candidates at θ = 0 changed the output by {err:.3g}")
+        # the engine's own standard, each node against its float noise: a deep net's output is
+        # itself further from float64 than a fixed 1e-5·(1 + max|y|) (ResNet-50's: 6.3e-5 against 3.4e-5)
+        found = find_mismatch(graph, res.graph, edited={c.site.anchor for c in together})
+        if found is not None:
+            raise _fail(morphism, None, f"all {len(together)} candidates at θ = 0 changed {found}")
 
     after = graph.module.state_dict()
     for k, v in before.items():

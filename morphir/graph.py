@@ -67,7 +67,7 @@ class MorphGraph:
         self.history: tuple[str, ...] = tuple(history)
         self.fidelity = fidelity  # what morphir.trace's fidelity check found (None: not checked)
         self._analysis: ChannelAnalysis | None = None
-        self._incoming: dict[str, list[tuple[str, torch.Size]]] = {}
+        self._incoming: dict[Any, Any] = {}  # per group: the producers' incoming shapes, and their numel
         self._probe_cache: tuple[Any, Any] | None = None
         self._noise_cache: tuple[Any, Any] | None = None  # morphir.verify.noise_profile's
         self._valid_meta: set[str] = set()
@@ -191,7 +191,10 @@ class MorphGraph:
 
     def incoming_numel(self, group: str) -> int:
         """Total number of incoming weights of one channel of ``group`` over all its producers."""
-        return sum(int(torch.Size(s).numel()) for _, s in self.incoming_shapes(group))
+        key = ("numel", group)
+        if key not in self._incoming:
+            self._incoming[key] = sum(int(torch.Size(s).numel()) for _, s in self.incoming_shapes(group))
+        return self._incoming[key]
 
     def incoming_weights(self, group: str, channel: int) -> torch.Tensor:
         """The incoming weights of ``channel`` in ``group``, all producers, flattened into one vector.

@@ -20,8 +20,9 @@ from __future__ import annotations
 import logging
 import operator
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -140,6 +141,7 @@ class Rewriter:
     def __init__(self, graph):
         self.graph = graph
         self._channels: dict[tuple[str, int], tuple[tuple[ChannelCopy, ...], str]] = {}
+        self._lookups: dict[tuple[str, str], Any] = {}  # the graph does not change while edits are recorded
         self._inserts: list[_Insert] = []
         self.param_edits: dict[str, ParamEdit] = {}  # filled by apply(): qualified name -> edit
 
@@ -159,6 +161,12 @@ class Rewriter:
             )
         self._channels[key] = (tuple(copies), origin)
 
+    def _lookup(self, kind: str, name: str, find: Callable[[], Any]) -> Any:
+        key = (kind, name)
+        if key not in self._lookups:
+            self._lookups[key] = find()
+        return self._lookups[key]
+
     def split(self, group: str, channel: int, delta: Mapping[str, torch.Tensor] | None = None, *,
               scales: tuple[float, float] = (1.0, 1.0), origin: str = "split") -> None:
         """Split ``channel`` in two: incoming weights ``w + delta`` and ``w − delta``, outgoing halved.
@@ -168,36 +176,63 @@ class Rewriter:
         :func:`batch_norm_after`) given running statistics scaled alike, so nothing downstream
         changes (exactly in eval mode; in train mode up to the batch norm's ε).
         """
-        if tuple(scales) == (1.0, 1.0):
-            neg = None if delta is None else {k: -v for k, v in delta.items()}
-            self.set_copies(group, channel, (ChannelCopy(delta, 0.5), ChannelCopy(neg, 0.5)), origin)
+        self.split_channels(group, [channel], [delta], [scales], [origin])
+
+    def split_channels(self, group: str, channels: Sequence[int], deltas: Sequence[Mapping[str, torch.Tensor] | None],
+                       scales: Sequence[tuple[float, float]], origins: Sequence[str]) -> None:
+        """:meth:`split` of several channels of one group, their rescaled copies computed together.
+
+        >>> rw.split_channels("features.0.0", [0, 3], [None, None], [(0.5, 0.25), (0.4, 0.2)], ["a", "b"])
+        """
+        plain = [k for k, sc in enumerate(scales) if tuple(sc) == (1.0, 1.0)]
+        for k in plain:
+            d = deltas[k]
+            neg = None if d is None else {m: -v for m, v in d.items()}
+            self.set_copies(group, channels[k], (ChannelCopy(d, 0.5), ChannelCopy(neg, 0.5)), origins[k])
+        scaled = [k for k in range(len(channels)) if tuple(scales[k]) != (1.0, 1.0)]
+        if not scaled:
             return
-        bn_name = batch_norm_after(self.graph, group)
+        bn_name = self._lookup("bn", group, lambda: batch_norm_after(self.graph, group))
         if bn_name is None:
-            raise MorphismError(f"{origin}: the copies of a channel of group {group!r} can be rescaled only when "
-                                "a batch norm directly follows its single producer")
-        producer = self.graph.group(group).producers[0].module
+            raise MorphismError(f"{origins[scaled[0]]}: the copies of a channel of group {group!r} can be rescaled only "
+                                "when a batch norm directly follows its single producer")
+        producer = self._lookup("producer", group, lambda: self.graph.group(group).producers[0].module)
         conv, bn = self.graph.submodule(producer), self.graph.submodule(bn_name)
-        w = conv.weight.detach()[channel]
-        d = None if delta is None else delta.get(producer)
-        copies = []
-        for sign, s in zip((1.0, -1.0), scales, strict=True):
-            if not s > 0:
-                raise MorphismError(f"{origin}: a copy's scale must be positive, got {s}")
-            rows: dict[str, dict[str, torch.Tensor]] = {}
-            bias = getattr(conv, "bias", None)
-            if bias is not None:
-                rows[producer] = {"bias": bias.detach()[channel:channel + 1] * s}
-            if bn.track_running_stats and bn.running_mean is not None:
-                # (s·x − s·μ) / √(s²(σ² + ε) − ε + ε) = (x − μ) / √(σ² + ε)
-                var = (bn.running_var[channel:channel + 1] + bn.eps) * s * s - bn.eps
-                if not bool(torch.all(var > 0)):
-                    raise MorphismError(f"{origin}: scale {s} is too small for the batch norm {bn_name!r} of channel "
-                                        f"{channel} (its running variance would not stay positive)")
-                rows[bn_name] = {"running_mean": bn.running_mean[channel:channel + 1] * s, "running_var": var}
-            change = (s - 1.0) * w + (0.0 if d is None else sign * s * d.to(w))
-            copies.append(ChannelCopy({producer: change}, 0.5, rows=rows or None))
-        self.set_copies(group, channel, tuple(copies), origin)
+        for k in scaled:
+            if not all(sc > 0 for sc in scales[k]):
+                raise MorphismError(f"{origins[k]}: a copy's scale must be positive, got {min(scales[k])}")
+        index = torch.as_tensor([channels[k] for k in scaled], dtype=torch.long)
+        s = torch.tensor([list(scales[k]) for k in scaled], dtype=torch.float64)  # (n, 2): s₁, s₂
+        w = conv.weight.detach()[index]
+        stats = bn.track_running_stats and bn.running_mean is not None
+        if stats:
+            # (s·x − s·μ) / √(s²(σ² + ε) − ε + ε) = (x − μ) / √(σ² + ε), in the statistics' own dtype
+            sv = s.to(bn.running_var.dtype)
+            var = (bn.running_var.detach()[index][:, None] + bn.eps) * sv * sv - bn.eps
+            bad = (var <= 0).any(dim=1).nonzero().flatten().tolist()
+            if bad:
+                k = scaled[bad[0]]
+                raise MorphismError(f"{origins[k]}: scale {min(scales[k])} is too small for the batch norm {bn_name!r} of "
+                                    f"channel {channels[k]} (its running variance would not stay positive)")
+            mean = bn.running_mean.detach()[index][:, None] * s.to(bn.running_mean.dtype)
+        bias = getattr(conv, "bias", None)
+        if bias is not None:
+            new_bias = bias.detach()[index][:, None] * s.to(bias.dtype)
+        # (s − 1)·w for every copy at once; θ's part only where there is one
+        base = (s - 1.0).to(w.dtype).reshape(*s.shape, *(1,) * (w.dim() - 1)) * w[:, None]
+        for row, k in enumerate(scaled):
+            d = deltas[k]
+            d = None if d is None else d.get(producer)
+            copies = []
+            for col, sign in enumerate((1.0, -1.0)):
+                rows: dict[str, dict[str, torch.Tensor]] = {}
+                if bias is not None:
+                    rows[producer] = {"bias": new_bias[row, col:col + 1]}
+                if stats:
+                    rows[bn_name] = {"running_mean": mean[row, col:col + 1], "running_var": var[row, col:col + 1]}
+                change = base[row, col] if d is None else base[row, col] + sign * float(s[row, col]) * d.to(w)
+                copies.append(ChannelCopy({producer: change}, 0.5, rows=rows or None))
+            self.set_copies(group, channels[k], tuple(copies), origins[k])
 
     def remove(self, group: str, channel: int, *, origin: str = "remove") -> None:
         """Remove ``channel``; the constant it would output with zero incoming weights is folded
@@ -473,40 +508,52 @@ def _new_offsets(layout: Layout, plans: Mapping[str, _Plan], group: str) -> list
     return out
 
 
-def _set_row(module: nn.Module, name: str, pos: slice, value: torch.Tensor, origin: str) -> None:
+def _set_rows(module: nn.Module, name: str, items: Sequence[tuple[int, int, torch.Tensor, str]]) -> None:
+    """Set ``module.<name>[start:start + length] = value`` for every ``(start, length, value, origin)``."""
     t = getattr(module, name, None)
     if not isinstance(t, torch.Tensor):
-        raise MorphismError(f"{origin}: {type(module).__name__} has no tensor {name!r} to set")
-    target = t.data[pos]
-    if target.numel() != value.numel():
-        raise MorphismError(f"{origin}: {name} of a channel has {target.numel()} values, got {value.numel()}")
-    t.data[pos] = value.reshape(target.shape).to(t)
+        raise MorphismError(f"{items[0][3]}: {type(module).__name__} has no tensor {name!r} to set")
+    per_row = t.shape[1:].numel()
+    index, values = [], []
+    for start, length, value, origin in items:
+        if start + length > t.shape[0] or value.numel() != length * per_row:
+            raise MorphismError(f"{origin}: {name} of a channel has {length * per_row} values, got {value.numel()}")
+        index.extend(range(start, start + length))
+        values.append(value.reshape(length, *t.shape[1:]))
+    t.data[torch.as_tensor(index, dtype=torch.long)] = torch.cat(values).to(t)
 
 
 def _apply_overrides(gm: fx.GraphModule, an: ChannelAnalysis, plans: Mapping[str, _Plan]) -> None:
     """Set the per-channel values and outgoing weights of copies that override them."""
     produced = {p.module: g for g in plans for p in an.groups[g].producers}
+    # per-channel values, gathered per (module, tensor) and written with one indexed assignment each
+    rows: dict[tuple[str, str], list[tuple[int, int, torch.Tensor, str]]] = defaultdict(list)
     for gname, plan in plans.items():
         if not plan.overrides:
             continue
         grp = an.groups[gname]
         producers = {p.module for p in grp.producers}
+        places: dict[str, list[tuple[int, int]]] = {}
         for j, cp in plan.overrides:
             origin = f"new channel {j} of group {gname!r}"
             for mod_name, values in (cp.rows or {}).items():
-                if mod_name in producers:
-                    positions = [slice(j, j + 1)]
-                else:
-                    layout = an.follower_layouts.get(mod_name)
-                    if layout is None:
-                        raise MorphismError(f"{origin}: {mod_name!r} is neither a producer nor a follower of the group")
-                    # a follower may carry the group more than once (after cat([h, h])): set every place
-                    positions = [slice(o + j * inner, o + (j + 1) * inner) for o, inner in
-                                 _new_offsets(layout, plans, gname)]
-                module = gm.get_submodule(mod_name)
-                for pos in positions:
+                if mod_name not in places:
+                    if mod_name in producers:
+                        places[mod_name] = [(0, 1)]
+                    else:
+                        layout = an.follower_layouts.get(mod_name)
+                        if layout is None:
+                            raise MorphismError(f"{origin}: {mod_name!r} is neither a producer nor a follower of the group")
+                        # a follower may carry the group more than once (after cat([h, h])): set every place
+                        places[mod_name] = _new_offsets(layout, plans, gname)
+                for offset, inner in places[mod_name]:
                     for name, value in values.items():
-                        _set_row(module, name, pos, value, origin)
+                        rows[(mod_name, name)].append((offset + j * inner, inner, value, origin))
+    for (mod_name, name), items in rows.items():
+        _set_rows(gm.get_submodule(mod_name), name, items)
+    for gname, plan in plans.items():
+        for j, cp in plan.overrides:
+            origin = f"new channel {j} of group {gname!r}"
             for mod_name, value in (cp.outgoing or {}).items():
                 layout = an.consumer_layouts.get(mod_name)
                 places = [] if layout is None else _new_offsets(layout, plans, gname)

@@ -85,6 +85,28 @@ def _conv_bn(
     return nn.Sequential(*layers)
 
 
+def _shortcut(in_ch: int, out_ch: int, stride: int) -> nn.Module:
+    """A residual block's shortcut: the identity, or a 1x1 conv + BN where the shape changes."""
+    return _conv_bn(in_ch, out_ch, 1, stride=stride) if stride != 1 or in_ch != out_ch else nn.Identity()
+
+
+def _residual_stages(ch: int, h: int, w: int, widths: Sequence[int], counts: Sequence[int],
+                     block: Callable[[int, int, int], nn.Module], expansion: int = 1) -> tuple[nn.Sequential, int]:
+    """Stages of residual blocks: ``counts[i]`` blocks ``block(in, width, stride)`` of ``widths[i]``,
+    each stage after the first starting with stride 2 while the map can still shrink; returns the
+    stages and their output channels (``expansion`` times the last width)."""
+    stages: list[nn.Module] = []
+    for index, (width, count) in enumerate(zip(widths, counts)):
+        blocks: list[nn.Module] = []
+        for b in range(count):
+            stride = 2 if index > 0 and b == 0 and _can_downsample(h, w) else 1
+            blocks.append(block(ch, width, stride))
+            ch = width * expansion
+            h, w = _strided_size(h, stride), _strided_size(w, stride)
+        stages.append(nn.Sequential(*blocks))
+    return nn.Sequential(*stages), ch
+
+
 def _relu() -> nn.Module:
     return nn.ReLU(inplace=False)
 
@@ -216,10 +238,7 @@ class BasicBlock(nn.Module):
         self.relu = _relu()
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_ch)
-        if stride != 1 or in_ch != out_ch:
-            self.shortcut: nn.Module = _conv_bn(in_ch, out_ch, 1, stride=stride)
-        else:
-            self.shortcut = nn.Identity()
+        self.shortcut = _shortcut(in_ch, out_ch, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -249,19 +268,8 @@ class ResNet20(nn.Module):
         super().__init__()
         in_ch, h, w = input_shape
         self.stem = _conv_bn(in_ch, width, 3, act=_relu)
-        ch = width
-        stages: list[nn.Module] = []
-        for index, base_out in enumerate(self.STAGE_WIDTHS):
-            out = _scaled(base_out, width, self.DEFAULT_WIDTH)
-            blocks: list[nn.Module] = []
-            for block in range(self.BLOCKS_PER_STAGE):
-                wants_down = index > 0 and block == 0
-                stride = 2 if wants_down and _can_downsample(h, w) else 1
-                blocks.append(BasicBlock(ch, out, stride))
-                ch = out
-                h, w = _strided_size(h, stride), _strided_size(w, stride)
-            stages.append(nn.Sequential(*blocks))
-        self.stages = nn.Sequential(*stages)
+        widths = [_scaled(base, width, self.DEFAULT_WIDTH) for base in self.STAGE_WIDTHS]
+        self.stages, ch = _residual_stages(width, h, w, widths, [self.BLOCKS_PER_STAGE] * len(widths), BasicBlock)
         self.classifier = nn.Linear(ch, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -470,6 +478,79 @@ class MLP(nn.Module):
 
 
 # ---------------------------------------------------------------------------
+# ResNet-50 (bottleneck)
+# ---------------------------------------------------------------------------
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce + BN + ReLU -> 3x3 + BN + ReLU -> 1x1 expand (4x) + BN, with an identity or
+    1x1-conv+BN shortcut, then ReLU."""
+
+    EXPANSION = 4
+
+    def __init__(self, in_ch: int, planes: int, stride: int) -> None:
+        super().__init__()
+        out_ch = planes * self.EXPANSION
+        self.conv1 = nn.Conv2d(in_ch, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out_ch, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_ch)
+        self.relu = _relu()
+        self.shortcut = _shortcut(in_ch, out_ch, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNet50(nn.Module):
+    """ResNet-50's structure: a 3x3 stem (with a stride-2 conv and a 2x2 max pool on inputs at least
+    32 wide), then bottleneck stages of [3, 4, 6, 3] blocks (64, 128, 256, 512 wide inside, 4x that
+    on the residual streams: 256 to 2048), a global average pool and a linear head. Stages 2-4
+    start with stride 2 while the map is >= 2 wide.
+
+    ``width`` is the stem's width; at 64 every layer has ResNet-50's width and the net has 11,456
+    split candidates (every channel of the stem, of each block's two inner layers and of the four
+    residual streams), as torchvision's ResNet-50 does. The default, 8, is a seed to grow from.
+
+    Example: ``ResNet50(input_shape=(3, 64, 64), num_classes=10, width=64)``.
+    """
+
+    STAGE_PLANES: tuple[int, ...] = (64, 128, 256, 512)
+    STAGE_BLOCKS: tuple[int, ...] = (3, 4, 6, 3)
+    REFERENCE_WIDTH = 64  # the stem width at which the stages have ResNet-50's widths
+    DEFAULT_WIDTH = 8  # a seed to grow from: 1/8 of ResNet-50's widths
+
+    def __init__(
+        self,
+        input_shape: tuple[int, int, int] = (3, 64, 64),
+        num_classes: int = 10,
+        width: int = DEFAULT_WIDTH,
+    ) -> None:
+        super().__init__()
+        in_ch, h, w = input_shape
+        # like torchvision's, the stem quarters the resolution (a stride-2 conv, a 2x2 max pool),
+        # on inputs at least 32 wide; smaller ones (digits' 8x8) keep theirs
+        quarter = min(h, w) >= 32
+        self.stem = _conv_bn(in_ch, width, 3, stride=2 if quarter else 1, act=_relu)
+        self.pool: nn.Module = nn.MaxPool2d(2) if quarter else nn.Identity()
+        if quarter:
+            h, w = _strided_size(h, 2) // 2, _strided_size(w, 2) // 2
+        planes = [_scaled(base, width, self.REFERENCE_WIDTH) for base in self.STAGE_PLANES]
+        self.stages, ch = _residual_stages(width, h, w, planes, self.STAGE_BLOCKS, Bottleneck, Bottleneck.EXPANSION)
+        self.classifier = nn.Linear(ch, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.pool(self.stem(x)))
+        x = x.mean((2, 3))
+        return self.classifier(x)
+
+
+# ---------------------------------------------------------------------------
 # Registry and public API
 # ---------------------------------------------------------------------------
 
@@ -480,6 +561,7 @@ _BUILDERS: types.MappingProxyType[str, type[nn.Module]] = types.MappingProxyType
         "mobilenet_v1": MobileNetV1,
         "mobilenet_v2": MobileNetV2,
         "resnet20": ResNet20,
+        "resnet50": ResNet50,
         "vgg19": VGG19,
     }
 )
@@ -491,7 +573,7 @@ def names() -> list[str]:
     Example::
 
         >>> names()
-        ['densenet', 'mlp', 'mobilenet_v1', 'mobilenet_v2', 'resnet20', 'vgg19']
+        ['densenet', 'mlp', 'mobilenet_v1', 'mobilenet_v2', 'resnet20', 'resnet50', 'vgg19']
     """
     return sorted(_BUILDERS)
 
@@ -534,7 +616,8 @@ def build(
             strides, pools and the classifier size are chosen from it.
         num_classes: size of the output (logits), at least 1.
         width: base channel width; ``None`` keeps the model's default
-            (vgg19 16, mobilenet_v1 32, resnet20 16, mobilenet_v2 16, densenet 16; for mlp:
+            (vgg19 16, mobilenet_v1 32, resnet20 16, resnet50 8 (64: ResNet-50's widths), mobilenet_v2 16,
+            densenet 16; for mlp:
             one hidden layer of that width).
         widths: mlp only: the hidden layers' widths (default one layer of 16). An mlp takes an
             ``input_shape`` of any rank (flattened); the other models take ``(C, H, W)``.

@@ -48,7 +48,7 @@ from morphir.api import (
     log_entry,
     rewrite,
 )
-from morphir.passes._new_channels import (
+from morphir.passes.new_channels import (
     add_neurons,
     locate,
     mean_norms,

@@ -82,7 +82,7 @@ from morphir.api import (
     log_entry,
     rewrite,
 )
-from morphir.passes._new_channels import (
+from morphir.passes.new_channels import (
     add_neurons,
     call,
     chunks,

@@ -16,15 +16,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from morphir.api import MorphGraph, Rewriter, ScoreContext, ScoredMorphism, Site, dot_at_consumers, propagate
-from morphir.passes._channel_scoring import (
-    consumer_calls,
-    incoming_stack,
-    producer_change,
-    site_rows,
-    stack_theta,
-    starts,
-)
+from morphir.api import (MorphGraph, Rewriter, ScoreContext, ScoredMorphism, Site, consumer_calls, dot_at_consumers,
+                         incoming_stack, producer_change, producer_starts, propagate, site_rows, stack_theta)
 
 __all__ = ["Prune"]
 
@@ -113,7 +106,7 @@ class Prune(ScoredMorphism):
         if key not in ctx.memo:
             width = ctx.graph.group(group).width
             consts = {}
-            for st in starts(ctx, group):
+            for st in producer_starts(ctx, group):
                 bias = ctx.module(st.module).bias
                 weight = ctx.module(st.module).weight
                 const = bias.detach() if bias is not None else weight.new_zeros(width)

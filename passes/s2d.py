@@ -48,17 +48,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from morphir.api import (
-    Candidate,
-    Grower,
-    Growth,
-    GrowthStep,
-    MorphGraph,
-    MorphirError,
-    ScoreContext,
-    apply,
-)
-from morphir.passes._channel_scoring import starts
+from morphir.api import (Candidate, Grower, Growth, GrowthStep, MorphGraph, MorphirError, ScoreContext, apply,
+                         producer_starts)
 from morphir.passes.split import Split
 
 __all__ = [
@@ -259,7 +250,7 @@ def _layers(graph: MorphGraph, groups: Iterable[str], max_dim: int) -> tuple[lis
         if graph.incoming_numel(name) > max_dim:
             skipped[name] = f"{graph.incoming_numel(name)} incoming weights per neuron (> max_dim {max_dim})"
             continue
-        start = starts(ctx, name)[0]
+        start = producer_starts(ctx, name)[0]
         pre = nodes[start.node]
         while len(pre.users) == 1:  # through identities (dropout in eval mode)
             user = next(iter(pre.users))

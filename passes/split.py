@@ -21,14 +21,13 @@ norm (the paper's split).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 
 import torch
 
 from morphir.api import (MorphGraph, MorphismError, Rewriter, ScoreContext, ScoredMorphism, Site, batch_norm_after,
-                     dot_at_consumers, propagate)
-from morphir.passes._channel_scoring import consumer_calls, incoming_stack, producer_change, site_rows, stack_theta
+                         consumer_calls, dot_at_consumers, incoming_stack, producer_change, propagate, site_rows,
+                         stack_theta)
 
 __all__ = ["FRESH_NORM", "Split"]
 
@@ -57,18 +56,28 @@ class Split(ScoredMorphism):
         >>> Split().copy_scales(g, Site("features.0.0", 3))   # a channel at norm 1.4
         (0.41, 0.21)
         """
-        bn_name = None if self.fresh_norm is None else batch_norm_after(graph, site.anchor)
+        return self.group_scales(graph, site.anchor, [site.index])[0]
+
+    def group_scales(self, graph: MorphGraph, group: str, channels: Sequence[int]) -> list[tuple[float, float]]:
+        """:meth:`copy_scales` of several channels of one group, from one pass over its weights.
+
+        >>> Split().group_scales(g, "features.0.0", [0, 3])   # [(0.52, 0.26), (0.41, 0.21)]
+        """
+        bn_name = None if self.fresh_norm is None else batch_norm_after(graph, group)
         if bn_name is None:
-            return (1.0, 1.0)
-        norm = float(graph.incoming_weights(site.anchor, site.index).norm())
-        if not norm > 0:
-            return (1.0, 1.0)
+            return [(1.0, 1.0)] * len(channels)
+        producer = graph.submodule(graph.group(group).producers[0].module)
+        index = torch.as_tensor(list(channels), dtype=torch.long)
+        norms = producer.weight.detach()[index].reshape(len(index), -1).norm(dim=1).double()
         bn = graph.submodule(bn_name)
-        floor = 0.0
+        floor = torch.zeros_like(norms)
         if bn.track_running_stats and bn.running_var is not None:  # keep the rescaled variance positive
-            floor = min(1.0, math.sqrt(2 * bn.eps / (float(bn.running_var[site.index]) + bn.eps)))
-        s1 = max(min(1.0, self.fresh_norm / norm), floor)
-        return (s1, max(self.ratio * s1, floor))
+            var = bn.running_var.detach()[index].double()
+            floor = torch.sqrt(2 * bn.eps / (var + bn.eps)).clamp(max=1.0)
+        s1 = torch.maximum((self.fresh_norm / norms).clamp(max=1.0), floor)
+        s1 = torch.where(norms > 0, s1, torch.ones_like(s1))
+        s2 = torch.where(norms > 0, torch.maximum(self.ratio * s1, floor), torch.ones_like(s1))
+        return list(zip(s1.tolist(), s2.tolist()))
 
     def sites(self, graph: MorphGraph) -> Iterable[Site]:
         for grp in graph.groups:
@@ -82,9 +91,14 @@ class Split(ScoredMorphism):
         return graph.group(site.anchor).cost_of_adding(1)
 
     def rewrite(self, rw: Rewriter, items: Sequence[tuple[Site, torch.Tensor]]) -> bool:
+        by_group: dict[str, list[tuple[Site, torch.Tensor]]] = {}
         for site, theta in items:
-            delta = rw.graph.unflatten_incoming(site.anchor, theta) if bool(torch.any(theta != 0)) else None
-            rw.split(site.anchor, site.index, delta, scales=self.copy_scales(rw.graph, site), origin=f"split@{site}")
+            by_group.setdefault(site.anchor, []).append((site, theta))
+        for group, its in by_group.items():
+            deltas = [rw.graph.unflatten_incoming(group, theta) if bool(torch.any(theta != 0)) else None for _, theta in its]
+            rw.split_channels(group, [site.index for site, _ in its], deltas,
+                              self.group_scales(rw.graph, group, [site.index for site, _ in its]),
+                              [f"split@{site}" for site, _ in its])
         return bool(items)
 
     # -- scoring ---------------------------------------------------------------------------------

@@ -13,12 +13,14 @@ import bench_apply  # noqa: E402
 
 def test_small_run_passes_quickly(capsys):
     t0 = time.perf_counter()
-    rc = bench_apply.main(["--sizes", "1,10", "--width", "8", "--repeats", "1"])
+    rc = bench_apply.main(["--sizes", "1,10", "--width", "8", "--repeats", "1", "--resnet50-width", "4",
+                           "--resnet50-repeats", "1"])
     elapsed = time.perf_counter() - t0
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "all checks passed" in out
-    assert "ratio" not in out  # the ratio bound needs both 100 and 1000
+    assert "ratio t(1000)" not in out  # the vgg19 ratio bound needs both 100 and 1000
+    assert "resnet50 width=4" in out and "t(all = 716)" in out  # every split of the ResNet-50-shaped net
     assert elapsed < 20, f"small benchmark took {elapsed:.1f} s"
 
 

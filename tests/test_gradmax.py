@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import morphir
 from growing import assert_same_run, grow_vgg19_and_resume
 from morphir.data import digits_tensors
-from morphir.passes._new_channels import locate, mean_norms, read_incoming, read_outgoing
+from morphir.passes.new_channels import locate, mean_norms, read_incoming, read_outgoing
 from morphir.passes.gradmax import (
     GradMax,
     RightReLU,

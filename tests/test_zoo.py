@@ -12,7 +12,7 @@ from torch import nn
 from morphir import zoo
 from morphir.errors import LoadError, MorphirError
 
-NAMES = ["densenet", "mobilenet_v1", "mobilenet_v2", "resnet20", "vgg19"]  # the conv nets; the mlp is tested below
+NAMES = ["densenet", "mobilenet_v1", "mobilenet_v2", "resnet20", "resnet50", "vgg19"]  # the conv nets; the mlp is tested below
 SHAPES = [(1, 8, 8), (3, 16, 16), (3, 32, 32)]
 CLASSES = [10, 7]
 BATCH = 4

@@ -1,4 +1,5 @@
-"""Shared scoring arithmetic for channel morphisms (split, prune), on morphir's public API.
+"""Scoring arithmetic for channel morphisms (split, prune, and yours): the change of a group's
+producers, and where it enters the group, for every site at once.
 
 All channels of a group are handled in one pass: a producer's output with every channel
 replaced by its variant is computed with one conv (or linear) whose weight holds one θ per row.
@@ -18,13 +19,15 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from morphir.api import MorphGraph, ScoreContext, Site
+from morphir.graph import MorphGraph
+from morphir.morphism import Site
+from morphir.scoring import ScoreContext
 
-__all__ = ["Start", "incoming_stack", "starts", "producer_change", "stack_theta", "consumer_calls", "site_rows"]
+__all__ = ["ProducerStart", "consumer_calls", "incoming_stack", "producer_change", "producer_starts", "site_rows", "stack_theta"]
 
 
 @dataclass(frozen=True)
-class Start:
+class ProducerStart:
     """Where one producer's channel change enters the group's carriers.
 
     ``node`` is the producer's call or the last batch norm that follows it alone; there, channel c
@@ -40,7 +43,10 @@ class Start:
 
 
 def incoming_stack(graph: MorphGraph, sites: Sequence[Site]) -> torch.Tensor:
-    """The incoming weights of each site's channel (all in one group), one flat row per site."""
+    """The incoming weights of each site's channel (all in one group), one flat row per site.
+
+    >>> incoming_stack(g, [Site("features.0.0", 0), Site("features.0.0", 3)]).shape   # (2, 9)
+    """
     group = sites[0].anchor
     index = torch.tensor([s.index for s in sites])
     rows = [graph.submodule(p.module).weight.detach()[index].reshape(len(sites), -1)
@@ -49,7 +55,11 @@ def incoming_stack(graph: MorphGraph, sites: Sequence[Site]) -> torch.Tensor:
 
 
 def site_rows(ctx: ScoreContext, group: str, sites: Sequence[Site]) -> torch.Tensor | None:
-    """The channel index of each site, or None when the sites are every channel in order."""
+    """The channel index of each site, or None when the sites are every channel in order.
+
+    >>> s = dot_at_consumers(ctx, grp, delta); rows = site_rows(ctx, group, sites)
+    >>> s if rows is None else s[rows]                  # one row per site
+    """
     key = ("channels.rows", group, tuple(s.index for s in sites))
     if key not in ctx.memo:
         index = [s.index for s in sites]
@@ -59,7 +69,10 @@ def site_rows(ctx: ScoreContext, group: str, sites: Sequence[Site]) -> torch.Ten
 
 
 def stack_theta(graph: MorphGraph, group: str, sites: Sequence[Site], theta: torch.Tensor) -> torch.Tensor:
-    """θ rows of the candidate channels placed in a (width, numel) matrix, zero elsewhere (differentiable)."""
+    """θ rows of the candidate channels placed in a (width, numel) matrix, zero elsewhere (differentiable).
+
+    >>> full = stack_theta(g, "features.0.0", sites, theta)   # then producer_change(ctx, group, full)
+    """
     width = graph.group(group).width
     index = [s.index for s in sites]
     if index == list(range(width)):
@@ -82,8 +95,12 @@ def _batch_norm_affine(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] |
     return scale, shift
 
 
-def starts(ctx: ScoreContext, group: str) -> list[Start]:
-    """For each producer of ``group``: the node its change enters at, with the folded affine map."""
+def producer_starts(ctx: ScoreContext, group: str) -> list[ProducerStart]:
+    """For each producer of ``group``: the node its change enters at, with the folded affine map
+    (a batch norm in eval mode that alone follows the producer is folded in, not recomputed).
+
+    >>> [st.node for st in producer_starts(ctx, "features.0.0")]   # ['features_0_1']: after its batch norm
+    """
     key = ("channels.starts", group)
     if key in ctx.memo:
         return ctx.memo[key]
@@ -106,18 +123,22 @@ def starts(ctx: ScoreContext, group: str) -> list[Start]:
             s, t = affine
             scale, shift = (s, t) if scale is None else (scale * s, shift * s + t)
             node = user
-        out.append(Start(prod.node, prod.module, node.name, scale, shift))
+        out.append(ProducerStart(prod.node, prod.module, node.name, scale, shift))
     ctx.memo[key] = out
     return out
 
 
 def producer_change(ctx: ScoreContext, group: str, full: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The change at each producer's start node (see :func:`starts`) when channel c's incoming
-    weights move by row c of ``full`` (width × incoming numel)."""
+    """The change at each producer's start node (see :func:`producer_starts`) when channel c's
+    incoming weights move by row c of ``full`` (width × incoming numel), every channel in one conv.
+
+    >>> change = producer_change(ctx, group, stack_theta(ctx.graph, group, sites, theta))
+    >>> propagate(ctx, grp, {n: ctx.value(n) + d for n, d in change.items()})
+    """
     graph = ctx.graph
     out: dict[str, torch.Tensor] = {}
     begin = 0
-    for (_, shape), st in zip(graph.incoming_shapes(group), starts(ctx, group)):
+    for (_, shape), st in zip(graph.incoming_shapes(group), producer_starts(ctx, group)):
         n = int(torch.Size(shape).numel())
         rows = full[:, begin : begin + n]
         begin += n
@@ -134,5 +155,9 @@ def producer_change(ctx: ScoreContext, group: str, full: torch.Tensor) -> dict[s
 
 
 def consumer_calls(graph: MorphGraph, group: str) -> list[str]:
-    """The call nodes of the group's consumers (whose input gradients scoring reads)."""
+    """The call nodes of the group's consumers (whose input gradients scoring reads): a channel
+    morphism's :meth:`~morphir.ScoredMorphism.alias_calls`.
+
+    >>> consumer_calls(g, "features.0.0")   # ['features_1_0']
+    """
     return [c.node for c in graph.group(group).consumers]
