@@ -56,7 +56,7 @@ from morphir.config import GrowConfig
 from morphir.loop import grow, resolve_grower
 from morphir.results import GrowResult, retrain
 from morphir.selection import count_flops, select
-from morphir.train import recalibrate_batch_norm, train_epoch
+from morphir.train import cosine_lr, recalibrate_batch_norm, sgd, train_epoch
 from morphir.growers import (
     Grower,
     Growth,
@@ -115,6 +115,7 @@ __all__ = [
     "consumer_calls",
     "ContractReport",
     "ContractViolation",
+    "cosine_lr",
     "count_flops",
     "curvature_factors",
     "Data",
@@ -182,6 +183,7 @@ __all__ = [
     "Scorer",
     "Segment",
     "select",
+    "sgd",
     "Site",
     "site_rows",
     "spearman",
