@@ -11,6 +11,7 @@ package's imports run one way: ``morphir`` → ``morphir.passes`` → ``morphir.
 
 from morphir import zoo
 from morphir.channel_rules import blocking, follower, passthrough
+from morphir.batches import as_args, batch_size, eval_mode, mean_loss, to_device
 from morphir.channel_scoring import (
     ProducerStart,
     consumer_calls,
@@ -95,8 +96,10 @@ __all__ = [
     "AnalysisError",
     "apply",
     "apply_in_turn",
+    "as_args",
     "batch_loss",
     "batch_norm_after",
+    "batch_size",
     "blocking",
     "Candidate",
     "candidates",
@@ -121,6 +124,7 @@ __all__ = [
     "Data",
     "DataError",
     "dot_at_consumers",
+    "eval_mode",
     "exact_delta_loss",
     "exact_delta_losses",
     "export_onnx",
@@ -148,6 +152,7 @@ __all__ = [
     "LoadError",
     "log_entry",
     "make_probe",
+    "mean_loss",
     "Mismatch",
     "MorphGraph",
     "MorphirError",
@@ -188,6 +193,7 @@ __all__ = [
     "site_rows",
     "spearman",
     "stack_theta",
+    "to_device",
     "trace",
     "TraceError",
     "train_epoch",

@@ -31,6 +31,7 @@ from morphir.engine import apply, candidates, output_mismatch, rewrite
 from morphir.errors import MorphirError
 from morphir.graph import MorphGraph
 from morphir.morphism import Candidate, Morphism
+from morphir.train import recalibrate_batch_norm
 from morphir.verify import find_mismatch
 
 __all__ = ["ContractViolation", "ContractReport", "check_morphism", "calibrate"]
@@ -61,17 +62,7 @@ def calibrate(model: torch.nn.Module, inputs: Sequence[torch.Tensor], steps: int
 
     >>> calibrate(model, (torch.randn(16, 3, 32, 32),))
     """
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    saved = [(m, m.momentum) for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-    model.train()
-    with torch.no_grad():
-        for _ in range(steps):
-            model(*inputs)
-    for m, momentum in saved:
-        m.momentum = momentum
+    recalibrate_batch_norm(model, [(tuple(inputs), None)] * steps)
     return model.eval()
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from morphir.batches import eval_mode
 from morphir.errors import ExportError
 from morphir.files import atomic_write
 from morphir.graph import MorphGraph
@@ -83,20 +84,9 @@ def _flatten(value: Any) -> list[torch.Tensor]:
     return []
 
 
-@contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    """Put ``module`` in eval mode for the block and restore its training flag after."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
-
-
 @torch.no_grad()
 def _run_torch(module: torch.nn.Module, inputs: tuple[Any, ...]) -> list[torch.Tensor]:
-    with _eval_mode(module):
+    with eval_mode(module):
         return [t.detach().cpu() for t in _flatten(module(*inputs))]
 
 
@@ -230,7 +220,7 @@ def export_onnx(
     dynamic_axes.update({name: {0: "batch"} for name in out_names})
     buffer = io.BytesIO()
     try:
-        with _eval_mode(module), _routed_warnings(), _exportable(), torch.no_grad():
+        with eval_mode(module), _routed_warnings(), _exportable(), torch.no_grad():
             torch.onnx.export(
                 module,
                 inputs,
@@ -405,13 +395,13 @@ def _export(module: torch.nn.Module, inputs: tuple[Any, ...], target: pathlib.Pa
         batch = torch.export.Dim("batch")
         shapes = tuple({0: batch} for _ in inputs)
         try:
-            with _eval_mode(module), _routed_warnings():
+            with eval_mode(module), _routed_warnings():
                 return torch.export.export(module, traced, dynamic_shapes=shapes)
         except Exception as exc:  # noqa: BLE001 - fall back to static shapes
             dynamic_reason = f"{type(exc).__name__}: {_first_line(exc)}"
             log.info("%s: dynamic-batch export failed (%s); trying static shapes", target, dynamic_reason)
     try:
-        with _eval_mode(module), _routed_warnings():
+        with eval_mode(module), _routed_warnings():
             program = torch.export.export(module, inputs)
     except Exception as exc:  # noqa: BLE001 - reported as a warning, by contract
         reason = f"{type(exc).__name__}: {_first_line(exc)}"

@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
+from morphir.batches import eval_mode
 from morphir.channels import ChannelAnalysis, ChannelRules, Layout, analyse
 from morphir.errors import AnalysisError, TraceError
 
@@ -100,22 +101,17 @@ class MorphGraph:
         return (self.module.code, tuple((id(t), t._version) for t in tensors))
 
     def _run(self, inputs: tuple[Any, ...]) -> Any:
-        was_training = self.module.training
-        self.module.eval()
-        try:
+        with eval_mode(self.module):
             return self.module(*inputs)
-        finally:
-            self.module.train(was_training)
 
     def propagate_shapes(self) -> None:
         """Record tensor shapes on every node (``node.meta['tensor_meta']``) from the example inputs.
 
         Runs in eval mode without gradients, so batch-norm statistics are not touched.
         """
-        was_training = self.module.training
-        self.module.eval()
+        quiet = contextlib.redirect_stderr(io.StringIO())  # ShapeProp prints tracebacks
         try:
-            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints tracebacks
+            with eval_mode(self.module), torch.no_grad(), quiet:
                 ShapeProp(self.module).propagate(*self.example_inputs)
         except Exception as exc:  # noqa: BLE001 - turned into a typed error with context
             shapes = [tuple(t.shape) for t in self.example_inputs if isinstance(t, torch.Tensor)]
@@ -129,8 +125,6 @@ class MorphGraph:
                 f"the example inputs (shapes {shapes}) do not fit the model{f' at {node}' if node else ''}: {reason}. "
                 "Pass example inputs of the shape the model expects (e.g. --input-shape 1,3,32,32)."
             ) from exc
-        finally:
-            self.module.train(was_training)
 
     # -- structure -----------------------------------------------------------------------------
     @property

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from morphir.batches import mean_loss
 from morphir.engine import PassResult
 from morphir.engine import candidates as all_candidates
 from morphir.errors import CheckpointError, MorphirError
@@ -250,24 +251,12 @@ def apply_in_turn(graph: MorphGraph, steps: Sequence[Callable[[MorphGraph], tupl
     return Growth(chosen=chosen, result=PassResult(current, modified, tuple(chosen), edits), log=entries)
 
 
-@torch.no_grad()
 def batch_loss(graph: MorphGraph, batches: Sequence[tuple[Any, Any]], loss_fn: LossFn) -> float:
-    """The mean loss of ``graph`` over ``batches`` in eval mode (the module's mode is restored).
+    """The mean loss of ``graph`` over ``batches`` in eval mode (the modules' modes are restored).
 
     >>> batch_loss(g, step.all_batches(), F.cross_entropy)
     """
-    module = graph.module
-    was_training = module.training
-    module.eval()
-    try:
-        total, count = 0.0, 0
-        for x, y in batches:
-            n = len(y) if hasattr(y, "__len__") else 1
-            total += float(loss_fn(module(*(x if isinstance(x, tuple) else (x,))), y)) * n
-            count += n
-        return total / max(count, 1)
-    finally:
-        module.train(was_training)
+    return mean_loss(graph.module, batches, loss_fn)
 
 
 def line_search(

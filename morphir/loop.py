@@ -50,7 +50,8 @@ from morphir.scoring import LossFn
 from morphir.selection import count_flops, select
 from morphir.tracing import trace
 from morphir.train import cosine_lr, recalibrate_batch_norm, seed_for, sgd, show_progress
-from morphir.train import evaluate, to_device, train_epoch
+from morphir.batches import to_device
+from morphir.train import evaluate, train_epoch
 
 __all__ = [
     "CHECKPOINT",

@@ -17,12 +17,11 @@ with the weights frozen, kept in a trust region, and the estimate is averaged ov
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from abc import abstractmethod
 import math
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -30,6 +29,7 @@ import torch
 import torch.fx as fx
 from torch.func import hessian, vmap
 
+from morphir.batches import as_args, eval_mode, mean_loss
 from morphir.channels import ChannelGroup
 from morphir.engine import apply
 from morphir.errors import MorphirError, MorphismError, TrainingError
@@ -287,8 +287,8 @@ class Capturer:
 
     def __call__(self, x: Any, y: Any, loss_fn: LossFn, *, memo: dict[Any, Any] | None = None) -> ScoreContext:
         """Run one batch in eval mode: the values, gradients and per-sample losses scoring needs."""
-        with _eval_mode(self.graph.module), torch.enable_grad():
-            inputs = x if isinstance(x, tuple) else (x,)
+        with eval_mode(self.graph.module), torch.enable_grad():
+            inputs = as_args(x)
             out, values, aliases = self.module(*inputs)
             losses = per_sample_losses(loss_fn, out, y)
             if not bool(torch.isfinite(losses).all()):
@@ -357,19 +357,6 @@ def _probe_grads(out: torch.Tensor, targets: list[torch.Tensor], factors: torch.
     except RuntimeError:  # an op without a batched backward: one factor at a time
         per = [torch.autograd.grad(out, targets, grad_outputs=u, allow_unused=True, retain_graph=True) for u in factors]
         return [None if per[0][i] is None else torch.stack([p[i] for p in per]) for i in range(len(targets))]
-
-
-@contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    """Every submodule in eval mode inside the block, each one's own mode restored after it."""
-    training = [m for m in module.modules() if m.training]
-    for m in training:
-        object.__setattr__(m, "training", False)  # what Module.eval() sets, minus its per-call overhead
-    try:
-        yield
-    finally:
-        for m in training:
-            object.__setattr__(m, "training", True)
 
 
 def _batches(batches: Batches) -> Iterable[tuple[Any, Any]]:
@@ -615,7 +602,7 @@ class Scorer:
             self._fixed_step(x, y)
             return
         total = torch.zeros(())
-        with _eval_mode(self.graph.module):
+        with eval_mode(self.graph.module):
             ctx = self.capturer(x, y, self.loss_fn, memo=self.memo)
             inv4l = 1.0 / (4 * ctx.losses.clamp_min(_MIN_LOSS))
             for i, (m, group, theta, _) in enumerate(self.plans):
@@ -636,7 +623,7 @@ class Scorer:
 
     @torch.no_grad()
     def _fixed_step(self, x: Any, y: Any) -> None:
-        with _eval_mode(self.graph.module):
+        with eval_mode(self.graph.module):
             ctx = self.capturer(x, y, self.loss_fn, memo=self.memo)
             if self.fixed_sum is None:
                 self.fixed_sum = [ctx.losses.new_zeros(len(p[1]), dtype=torch.float64) for p in self.plans]
@@ -722,20 +709,8 @@ def score(
 
 
 # -- the brute-force reference ------------------------------------------------------------------------
-@torch.no_grad()
 def _mean_loss(graph: MorphGraph, batches: Batches, loss_fn: LossFn) -> float:
-    gm = graph.module
-    was_training = gm.training
-    gm.eval()
-    total, count = 0.0, 0
-    try:
-        for x, y in _batches(batches):
-            n = x.shape[0] if isinstance(x, torch.Tensor) else 1
-            total += float(loss_fn(gm(*(x if isinstance(x, tuple) else (x,))), y)) * n
-            count += n
-    finally:
-        gm.train(was_training)
-    return total / max(count, 1)
+    return mean_loss(graph.module, _batches(batches), loss_fn)
 
 
 def exact_delta_losses(graph: MorphGraph, cands: Sequence[Candidate], batches: Batches, loss_fn: LossFn) -> list[float]:

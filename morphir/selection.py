@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from morphir.batches import eval_mode
 from morphir.errors import MorphirError
 from morphir.graph import MorphGraph
 from morphir.morphism import Candidate
@@ -32,13 +33,8 @@ def count_flops(graph: MorphGraph) -> int:
     module = graph.module
     device = next(iter(module.parameters()), torch.zeros(())).device
     x = tuple(t[:1].to(device) if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in graph.example_inputs)
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            module(*x)
-    finally:
-        module.train(was_training)
+    with eval_mode(module), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(*x)
     return int(counter.get_total_flops())
 
 

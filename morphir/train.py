@@ -17,33 +17,20 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from morphir.batches import as_args, batch_size, eval_mode, to_device
 from morphir.config import GrowConfig
 from morphir.errors import DataError, TrainingError
 
 __all__ = ["cosine_lr", "evaluate", "fit", "recalibrate_batch_norm", "reinitialise", "seed_for", "sgd", "show_progress",
-           "to_device", "train_epoch"]
+           "train_epoch"]
 
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
 
 
-def to_device(x: Any, device: torch.device | None) -> Any:
-    """``x`` (a tensor or a tuple of them) on ``device``; anything else, or ``device=None``, as it is.
-
-    >>> x, y = to_device((x, y), torch.device("cuda"))
-    """
-    if device is None:
-        return x
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, tuple):
-        return tuple(to_device(t, device) for t in x)
-    return x
-
-
 def _call(module: torch.nn.Module, x: Any) -> Any:
-    return module(*(x if isinstance(x, tuple) else (x,)))
+    return module(*as_args(x))
 
 
 def train_epoch(
@@ -78,7 +65,7 @@ def train_epoch(
             raise TrainingError(f"the training loss became {value} at {where}, step {step + 1}")
         loss.backward()
         opt.step()
-        n = len(y) if hasattr(y, "__len__") else 1
+        n = batch_size(x, y)
         total += value * n
         count += n
     if count == 0:
@@ -130,22 +117,18 @@ def evaluate(
     >>> evaluate(model, val_loader, F.cross_entropy)
     (0.31, 0.93)
     """
-    was_training = module.training
-    module.eval()
     total, correct, count, classify = 0.0, 0, 0, True
-    try:
+    with eval_mode(module):
         for x, y in batches:
             x, y = to_device(x, device), to_device(y, device)
             out = _call(module, x)
-            n = len(y)
+            n = batch_size(x, y)
             total += float(loss_fn(out, y)) * n
             if classify and isinstance(out, torch.Tensor) and out.dim() == 2 and not y.dtype.is_floating_point:
                 correct += int((out.argmax(1) == y).sum())
             else:
                 classify = False
             count += n
-    finally:
-        module.train(was_training)
     if count == 0:
         raise DataError("the validation data yielded no batches")
     return total / count, (correct / count if classify else None)

@@ -37,6 +37,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
+from morphir.batches import eval_mode
 from morphir.graph import MorphGraph
 
 __all__ = ["Mismatch", "find_mismatch", "noise_profile", "NOISE_FACTOR"]
@@ -115,15 +116,8 @@ def _to_float64(module: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def _evaluating(*modules: nn.Module) -> Iterator[None]:
-    flags = [(m, m.training) for module in modules for m in module.modules()]
-    try:
-        for module in modules:
-            module.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    with eval_mode(*modules), torch.no_grad():
+        yield
 
 
 def _as_float64(inputs: tuple[Any, ...]) -> tuple[Any, ...]:

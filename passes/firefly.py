@@ -39,15 +39,7 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
-from morphir.api import (
-    Candidate,
-    Grower,
-    Growth,
-    GrowthStep,
-    MorphirError,
-    log_entry,
-    rewrite,
-)
+from morphir.api import (Candidate, Grower, Growth, GrowthStep, MorphirError, as_args, log_entry, rewrite)
 from morphir.passes.new_channels import (
     add_neurons,
     locate,
@@ -163,7 +155,7 @@ class Firefly(Grower):
         def mean_loss(neurons: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> float:
             with torch.no_grad():
                 p = params(neurons)
-                return sum(float(step.loss_fn(functional_call(gm, p, _args(x)), y)) * s
+                return sum(float(step.loss_fn(functional_call(gm, p, as_args(x)), y)) * s
                            for (x, y), s in zip(batches, shares))
 
         raw = {g: (dv.clone().requires_grad_(), du.clone().requires_grad_()) for g, (dv, du) in directions.items()}
@@ -174,7 +166,7 @@ class Firefly(Grower):
                 x, y = batches[t % len(batches)]
                 with torch.enable_grad():
                     loss = step.loss_fn(functional_call(gm, params({g: weights_of(g, *d) for g, d in raw.items()}),
-                                                        _args(x)), y)
+                                                        as_args(x)), y)
                     opt.zero_grad()
                     loss.backward()
                 opt.step()
@@ -187,7 +179,7 @@ class Firefly(Grower):
         grads = {g: torch.zeros_like(u) for g, (_, u) in leaves.items()}
         for (x, y), share in zip(batches, shares):
             with torch.enable_grad():
-                loss = step.loss_fn(functional_call(gm, params(leaves), _args(x)), y) * share
+                loss = step.loss_fn(functional_call(gm, params(leaves), as_args(x)), y) * share
                 got = torch.autograd.grad(loss, [u for _, u in leaves.values()])
             for g, gr in zip(leaves, got):
                 grads[g] += gr
@@ -235,5 +227,3 @@ def keep_best(taylor: torch.Tensor, k: int) -> list[int]:
     return order[:k]
 
 
-def _args(x: Any) -> tuple[Any, ...]:
-    return x if isinstance(x, tuple) else (x,)

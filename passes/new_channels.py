@@ -26,18 +26,8 @@ from typing import Any
 
 import torch
 
-from morphir.api import (
-    Candidate,
-    ChannelCopy,
-    GrowthStep,
-    MorphGraph,
-    Morphism,
-    MorphismError,
-    PassResult,
-    Rewriter,
-    Site,
-    rewrite,
-)
+from morphir.api import (Candidate, ChannelCopy, GrowthStep, MorphGraph, Morphism, MorphismError, PassResult,
+                         Rewriter, Site, as_args, rewrite)
 from morphir.passes.add_channel import fresh_rows
 
 __all__ = [
@@ -357,7 +347,7 @@ def call(module: torch.nn.Module, x: Any) -> Any:
 
     >>> call(graph.module, x)
     """
-    return module(*(x if isinstance(x, tuple) else (x,)))
+    return module(*as_args(x))
 
 
 def chunks(n: int, size: int) -> Iterator[range]:

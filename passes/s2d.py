@@ -44,10 +44,10 @@ from typing import Any
 
 import torch
 
-from morphir.api import Candidate, Grower, Growth, GrowthStep, MorphGraph, MorphirError, apply
+from morphir.api import Candidate, Grower, Growth, GrowthStep, MorphGraph, MorphirError, apply, mean_loss
 from morphir.passes.split import Split
 from morphir.passes.s2d_activations import second_derivative
-from morphir.passes.s2d_matrices import LossFn, SplittingMatrices, _loss_inputs, splitting_matrices
+from morphir.passes.s2d_matrices import LossFn, SplittingMatrices, splitting_matrices
 
 __all__ = ["DEFAULT_GRID", "LineSearch", "SplittingMatrices", "SplittingSteepestDescent", "second_derivative",
            "split_line_search", "splitting_matrices"]
@@ -61,21 +61,6 @@ the trust radius the ``gn`` method learns θ within (``ScoreConfig.trust``)."""
 
 
 # -- the line search ------------------------------------------------------------------------------------
-@torch.no_grad()
-def _loss(graph: MorphGraph, batches: Sequence[tuple[Any, Any]], loss_fn: LossFn) -> float:
-    gm = graph.module
-    was = [m.training for m in gm.modules()]
-    gm.eval()
-    try:
-        total, count = 0.0, 0
-        for x, y in batches:
-            n = int(_loss_inputs(x)[0].shape[0])
-            total += float(loss_fn(gm(*_loss_inputs(x)), y)) * n
-            count += n
-        return total / max(count, 1)
-    finally:
-        for m, t in zip(gm.modules(), was):
-            m.training = t
 
 
 def _weight_dtype(graph: MorphGraph, group: str) -> torch.dtype:
@@ -119,7 +104,7 @@ def split_line_search(graph: MorphGraph, cands: Sequence[Candidate], directions:
     def thetas(eps: float) -> dict[Candidate, torch.Tensor]:
         return {c: (eps * directions[c]).to(_weight_dtype(graph, c.site.anchor)) for c in cands}
 
-    base = _loss(graph, batches, loss_fn)
+    base = mean_loss(graph.module, batches, loss_fn)
     losses: dict[float, float] = {0.0: base}
     grid = sorted({float(e) for e in grid if e > 0})
     if not cands or not grid:
@@ -133,11 +118,12 @@ def split_line_search(graph: MorphGraph, cands: Sequence[Candidate], directions:
         for eps in grid:
             for k, d in slope.items():
                 params[k].copy_(origin[k] + eps * d)
-            losses[eps] = _loss(zero, batches, loss_fn)
+            losses[eps] = mean_loss(zero.module, batches, loss_fn)
     finite = {e: v for e, v in losses.items() if math.isfinite(v)}
     best = min(finite, key=lambda e: (finite[e], e)) if finite else 0.0
     if best and finite[best] < base:
-        losses[best] = _loss(apply(graph, cands, thetas(best), verify=False), batches, loss_fn)  # the real θ
+        real = apply(graph, cands, thetas(best), verify=False)  # the real θ, not its line through the slope
+        losses[best] = mean_loss(real.module, batches, loss_fn)
     if not best or not losses[best] < base:
         best = 0.0
     return LineSearch(best, base, losses)

@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from morphir.api import MorphGraph, MorphirError, ScoreContext, producer_starts
+from morphir.api import (MorphGraph, MorphirError, ScoreContext, as_args, producer_starts)
 from morphir.passes.s2d_activations import _Activation, _PASS, _activation, second_derivative
 
 __all__ = ["SplittingMatrices", "splitting_matrices"]
@@ -176,10 +176,6 @@ class SplittingMatrices:
         return 0.5 * float(t @ self.matrices[channel] @ t)
 
 
-def _loss_inputs(x: Any) -> tuple[Any, ...]:
-    return x if isinstance(x, tuple) else (x,)
-
-
 def splitting_matrices(graph: MorphGraph, batches: Iterable[tuple[Any, Any]], loss_fn: LossFn, *,
                        groups: Iterable[str] | None = None, bandwidth: float = 1.0, max_dim: int = 1024,
                        skipped: dict[str, str] | None = None) -> dict[str, SplittingMatrices]:
@@ -214,7 +210,7 @@ def splitting_matrices(graph: MorphGraph, batches: Iterable[tuple[Any, Any]], lo
     sums: dict[str, torch.Tensor] = {}
     h_used: dict[str, torch.Tensor] = {}
     total = 0
-    n_batch = [int(_loss_inputs(x)[0].shape[0]) for x, _ in batches]
+    n_batch = [int(as_args(x)[0].shape[0]) for x, _ in batches]
     total_samples = sum(n_batch)
     was_training = [m.training for m in gm.modules()]
     gm.eval()
@@ -222,7 +218,7 @@ def splitting_matrices(graph: MorphGraph, batches: Iterable[tuple[Any, Any]], lo
         for (x, y), n in zip(batches, n_batch):
             rec = _Recorder(gm, keep, live)
             with torch.enable_grad():
-                out = rec.run(*_loss_inputs(x))
+                out = rec.run(*as_args(x))
                 loss = loss_fn(out, y)
                 grads = torch.autograd.grad(loss, [rec.outputs[ly.post] for ly in layers], allow_unused=True)
             for ly, g in zip(layers, grads):
