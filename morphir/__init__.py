@@ -12,7 +12,7 @@ True
 
 from morphir import api, passes
 from morphir.api import *  # noqa: F403 (the core's public names, listed in morphir.api.__all__)
-from morphir.defaults import candidates, default_registry, grow, morphisms, resolve_grower, score
+from morphir.defaults import Scorer, candidates, default_registry, grow, morphisms, resolve_grower, score
 
 __version__ = "0.1.0"
 

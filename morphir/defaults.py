@@ -16,7 +16,7 @@ from morphir import engine, loop, scoring
 from morphir.api import Candidate, Grower, GrowResult, MorphGraph, Morphism, Registry
 from morphir.passes import builtin_growers, builtin_morphisms
 
-__all__ = ["candidates", "default_registry", "grow", "morphisms", "resolve_grower", "score"]
+__all__ = ["Scorer", "candidates", "default_registry", "grow", "morphisms", "resolve_grower", "score"]
 
 
 def default_registry() -> Registry:
@@ -57,6 +57,20 @@ def score(graph: MorphGraph, batches: Any, loss_fn: Any, morphisms: Any = ("spli
     """
     return scoring.score(graph, batches, loss_fn, morphisms,
                          registry=registry if registry is not None else default_registry(), **options)
+
+
+class Scorer(scoring.Scorer):
+    """:class:`morphir.api.Scorer` with names looked up among the built-ins unless ``registry`` is given.
+
+    >>> scorer = morphir.Scorer(g, F.cross_entropy, ("split",))
+    >>> for x, y in loader: scorer.step(x, y)
+    >>> cands = scorer.finish()
+    """
+
+    def __init__(self, graph: MorphGraph, loss_fn: Any, morphisms: Any = ("split", "prune"), *,
+                 registry: Registry | None = None, **options: Any):
+        super().__init__(graph, loss_fn, morphisms, registry=registry if registry is not None else default_registry(),
+                         **options)
 
 
 def resolve_grower(method: str | Grower, growers: Mapping[str, Grower] | None = None) -> Grower:

@@ -170,8 +170,7 @@ def test_scoring_a_subset_gives_the_same_estimates_as_scoring_all() -> None:
     cfg = morphir.ScoreConfig(lr=0.0)
     full = {c: c for c in morphir.score(graph, batches, F.mse_loss, config=cfg)}
     chosen = [c for c in full if c.site.index in (1, 3)]
-    scorer = morphir.Scorer(graph, F.mse_loss, ("split", "prune"), config=cfg, only=chosen,
-                            registry=morphir.default_registry())
+    scorer = morphir.Scorer(graph, F.mse_loss, ("split", "prune"), config=cfg, only=chosen)  # the built-ins by name
     with torch.no_grad():  # the same θ as in the full pass (a subset draws its random start differently)
         for _, group, theta, _ in scorer.plans:
             theta.copy_(torch.stack([full[c].theta for c in group]))
@@ -237,3 +236,13 @@ def test_scoring_starts_from_the_theta_it_is_given_inside_the_trust_region() -> 
     radius = 0.3 * float(graph.incoming_weights(cands[1].site.anchor, cands[1].site.index).norm())
     assert float(second.norm()) == pytest.approx(radius, rel=1e-5)  # projected onto the trust region
     assert torch.allclose(second / second.norm(), given[cands[1]] / given[cands[1]].norm())
+
+
+def test_the_core_scorer_needs_a_registry_for_names_and_the_package_one_defaults_to_the_built_ins() -> None:
+    graph, batches = regression_net()
+    with pytest.raises(morphir.MorphismError, match="given by name but no registry"):
+        morphir.api.Scorer(graph, F.mse_loss, ("split",))
+    core = morphir.api.Scorer(graph, F.mse_loss, ("split",), registry=morphir.default_registry())
+    package = morphir.Scorer(graph, F.mse_loss, ("split",))
+    assert [c.key for _, g, _, _ in core.plans for c in g] == [c.key for _, g, _, _ in package.plans for c in g]
+    assert morphir.api.Scorer(graph, F.mse_loss, (morphir.passes.Split(),)).plans  # an instance needs none
