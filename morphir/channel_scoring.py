@@ -21,7 +21,7 @@ from torch import nn
 
 from morphir.graph import MorphGraph
 from morphir.morphism import Site
-from morphir.scoring import ScoreContext
+from morphir.capture import ScoreContext
 
 __all__ = ["ProducerStart", "consumer_calls", "incoming_stack", "producer_change", "producer_starts", "site_rows", "stack_theta"]
 

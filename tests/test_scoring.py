@@ -218,7 +218,7 @@ def test_curvature_factors_square_to_the_loss_hessian() -> None:
     u = morphir.curvature_factors(F.mse_loss, out, target)
     h = torch.einsum("kni,knj->nij", u, u)
     assert torch.allclose(h, (2 / 3) * torch.eye(3, dtype=torch.float64).expand(5, 3, 3), atol=1e-10)
-    big = torch.randn(2, morphir.scoring.MAX_CURVATURE_OUTPUTS + 1)
+    big = torch.randn(2, morphir.capture.MAX_CURVATURE_OUTPUTS + 1)
     assert morphir.curvature_factors(F.mse_loss, big, torch.zeros_like(big)) is None  # too many: rank-one
     with pytest.raises(morphir.MorphirError, match="curvature must be one of"):
         morphir.ScoreConfig(curvature="diagonal")
