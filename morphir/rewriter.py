@@ -20,9 +20,8 @@ from __future__ import annotations
 import logging
 import operator
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.fx as fx
@@ -141,7 +140,6 @@ class Rewriter:
     def __init__(self, graph):
         self.graph = graph
         self._channels: dict[tuple[str, int], tuple[tuple[ChannelCopy, ...], str]] = {}
-        self._lookups: dict[tuple[str, str], Any] = {}  # the graph does not change while edits are recorded
         self._inserts: list[_Insert] = []
         self.param_edits: dict[str, ParamEdit] = {}  # filled by apply(): qualified name -> edit
 
@@ -160,12 +158,6 @@ class Rewriter:
                 "apply them in separate rewrites"
             )
         self._channels[key] = (tuple(copies), origin)
-
-    def _lookup(self, kind: str, name: str, find: Callable[[], Any]) -> Any:
-        key = (kind, name)
-        if key not in self._lookups:
-            self._lookups[key] = find()
-        return self._lookups[key]
 
     def split(self, group: str, channel: int, delta: Mapping[str, torch.Tensor] | None = None, *,
               scales: tuple[float, float] = (1.0, 1.0), origin: str = "split") -> None:
@@ -192,11 +184,11 @@ class Rewriter:
         scaled = [k for k in range(len(channels)) if tuple(scales[k]) != (1.0, 1.0)]
         if not scaled:
             return
-        bn_name = self._lookup("bn", group, lambda: batch_norm_after(self.graph, group))
+        bn_name = batch_norm_after(self.graph, group)
         if bn_name is None:
             raise MorphismError(f"{origins[scaled[0]]}: the copies of a channel of group {group!r} can be rescaled only "
                                 "when a batch norm directly follows its single producer")
-        producer = self._lookup("producer", group, lambda: self.graph.group(group).producers[0].module)
+        producer = self.graph.group(group).producers[0].module
         conv, bn = self.graph.submodule(producer), self.graph.submodule(bn_name)
         for k in scaled:
             if not all(sc > 0 for sc in scales[k]):
